@@ -1,0 +1,191 @@
+"""Fetch Debian binary packages into a private prefix, without touching the host.
+
+apt runs with a configuration of its own: its own sources list (the mirror is read
+from the host's apt configuration, never hard-coded), an empty dpkg status file so
+that it resolves the complete dependency closure, and its own state and cache
+directories.  Packages are verified by apt (signed indexes, hashes) and unpacked
+with ``dpkg-deb`` into the prefix; nothing is installed system-wide.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import ProvisionError
+
+APT_SOURCES = Path("/etc/apt/sources.list")
+APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
+# Mirrors that carry only security updates cannot serve other suites.
+_NOT_A_MAIN_MIRROR = re.compile(r"security|snapshot")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Which suites to resolve from, and which one to prefer (``apt-get -t``)."""
+
+    suites: tuple[str, ...]
+    target: str
+
+
+def host_mirror() -> str:
+    """The Debian mirror URI the host's own apt configuration uses."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise ProvisionError(
+            "not a Debian-family host (no apt-get/dpkg-deb): "
+            "pass --qemu-build or set QEMU_PROG to use your own QEMU")
+    uris: list[str] = []
+    for path in sorted(APT_SOURCES_DIR.glob("*.sources")):
+        text = path.read_text(errors="replace")
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
+            if "deb" in fields.get("Types", "").split() and \
+                    fields.get("Enabled", "yes").lower() != "no":
+                uris += fields.get("URIs", "").split()
+    for path in [APT_SOURCES, *sorted(APT_SOURCES_DIR.glob("*.list"))]:
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                m = re.match(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line)
+                if m:
+                    uris.append(m.group(1))
+    for uri in uris:
+        if uri.rstrip("/").endswith("/debian") and not _NOT_A_MAIN_MIRROR.search(uri):
+            return uri.rstrip("/")
+    raise ProvisionError(
+        "no Debian mirror found in /etc/apt/sources.list{,.d}: add one, "
+        "or pass --qemu-build / set QEMU_PROG to use your own QEMU")
+
+
+class PrivateApt:
+    """An apt instance with its own sources, state and cache under ``root``."""
+
+    def __init__(self, root: Path, suites: Sequence[str], mirror: str | None = None):
+        self.root = root
+        self.suites = tuple(suites)
+        self.mirror = mirror or host_mirror()
+        self._lists_ready = False
+
+    def _options(self) -> list[str]:
+        r = self.root
+        opts = {
+            "Dir::Etc::SourceList": r / "sources.list",
+            "Dir::Etc::SourceParts": r / "sources.list.d",
+            "Dir::Etc::Preferences": r / "preferences",
+            "Dir::Etc::PreferencesParts": r / "preferences.d",
+            "Dir::State": r / "state",
+            "Dir::State::Lists": r / "state/lists",
+            "Dir::State::status": r / "state/status",
+            "Dir::Cache": r / "cache",
+            "Dir::Cache::archives": r / "archives",
+            "Debug::NoLocking": "1",
+            "Acquire::Languages": "none",
+            "APT::Sandbox::User": "root" if os.geteuid() == 0 else "",
+            "APT::Get::AllowUnauthenticated": "false",
+            "APT::Install-Recommends": "false",
+        }
+        return [f"-o{k}={v}" for k, v in opts.items() if v != ""]
+
+    def _prepare(self) -> None:
+        for sub in ("sources.list.d", "preferences.d", "state/lists/partial",
+                    "cache", "archives/partial"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "state/status").touch()
+        keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+        (self.root / "sources.list").write_text("".join(
+            f"deb [signed-by={keyring}] {self.mirror} {suite} main\n" for suite in self.suites))
+
+    def _run(self, args: list[str], what: str, progress: bool = False) -> str:
+        cmd = ["apt-get", *self._options(), *args]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=self.root / "archives")
+        if progress and proc.stdout:
+            sys.stderr.write(proc.stdout)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise ProvisionError(f"apt failed to {what}: {tail}")
+        return proc.stdout
+
+    def update(self) -> None:
+        if self._lists_ready:
+            return
+        self._prepare()
+        _say(f"updating package lists for {' '.join(self.suites)}")
+        self._run(["update"], f"update the package lists of {' '.join(self.suites)} "
+                  "(is the Debian mirror reachable?)")
+        self._lists_ready = True
+
+    def resolve(self, packages: Iterable[str], target: str) -> list[tuple[str, str]]:
+        """The full dependency closure of ``packages``, as (name, version)."""
+        self.update()
+        out = self._run(["-s", "-t", target, "install", *packages],
+                        f"resolve {' '.join(packages)} from {target}")
+        closure = re.findall(r"^Inst (\S+) \((\S+)", out, re.M)
+        if not closure:
+            raise ProvisionError(f"apt resolved nothing for {' '.join(packages)} in {target}")
+        return closure
+
+    def download(self, pinned: list[tuple[str, str]]) -> list[Path]:
+        """Download (or reuse) the .deb files; apt verifies their hashes."""
+        self.update()
+        archives = self.root / "archives"
+        missing = [(n, v) for n, v in pinned if not _deb_for(archives, n, v)]
+        if missing:
+            _say(f"downloading {len(missing)} packages")
+            self._run(["download", *[f"{n}={v}" for n, v in missing]],
+                      "download packages", progress=False)
+        debs = []
+        for name, version in pinned:
+            deb = _deb_for(archives, name, version)
+            if deb is None:
+                raise ProvisionError(f"apt did not download {name}={version}")
+            debs.append(deb)
+        return debs
+
+
+def _deb_for(archives: Path, name: str, version: str) -> Path | None:
+    # apt escapes ':' in epochs as %3a in file names.
+    quoted = version.replace(":", "%3a")
+    hits = list(archives.glob(f"{name}_{quoted}_*.deb"))
+    return hits[0] if hits else None
+
+
+def unpack(debs: Sequence[Path], prefix: Path, skip: Sequence[str] = ("./usr/share/doc",
+                                                                        "./usr/share/man")) -> None:
+    """Unpack ``debs`` into ``prefix`` (no maintainer scripts), strip setuid bits."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        fsys = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                                stdout=subprocess.PIPE)
+        tar = subprocess.run(["tar", "-x", "-C", str(prefix), "--no-same-owner",
+                              *[f"--exclude={s}" for s in skip]],
+                             stdin=fsys.stdout, stderr=subprocess.PIPE, text=True)
+        fsys.stdout.close()  # type: ignore[union-attr]
+        if fsys.wait() != 0 or tar.returncode != 0:
+            raise ProvisionError(f"could not unpack {deb.name}: {tar.stderr.strip()}")
+    for dirpath, _dirs, files in os.walk(prefix):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(p, st.st_mode & ~(stat.S_ISUID | stat.S_ISGID))
+
+
+def fetch(packages: Sequence[str], suite: Suite, prefix: Path, apt_root: Path) -> list[tuple[str, str]]:
+    """Resolve, download and unpack ``packages`` with their dependencies into ``prefix``."""
+    apt = PrivateApt(apt_root, suite.suites)
+    closure = apt.resolve(packages, suite.target)
+    debs = apt.download(closure)
+    _say(f"unpacking {len(debs)} packages into {prefix}")
+    unpack(debs, prefix)
+    return closure
+
+
+def _say(msg: str) -> None:
+    print(f"[provision] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,81 @@
+"""Disk images, offline, with the build's own ``qemu-img`` and ``qemu-io``."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from .builds import QemuBuild
+from .errors import HarnessError
+from .machine import QemuIoResult
+
+TOOL_TIMEOUT = 60.0
+
+
+class ImageError(HarnessError):
+    """qemu-img or qemu-io failed on an image."""
+
+
+class Images:
+    """Create images, write patterns and check data with one build's tools."""
+
+    def __init__(self, build: QemuBuild, folder: Path):
+        self.build = build
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def _run(self, argv: Sequence[str], what: str) -> subprocess.CompletedProcess[str]:
+        try:
+            proc = subprocess.run(list(argv), capture_output=True, text=True,
+                                  timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"{what}: no answer within {TOOL_TIMEOUT:g}s: {' '.join(argv)}") \
+                from None
+        return proc
+
+    def create(self, name: str, size: str | int, fmt: str = "qcow2",
+               options: Sequence[str] = ()) -> Path:
+        path = self.path(name)
+        argv = [str(self.build.qemu_img), "create", "-q", "-f", fmt,
+                *[x for o in options for x in ("-o", o)], str(path), str(size)]
+        proc = self._run(argv, f"create {name}")
+        if proc.returncode != 0:
+            raise ImageError(f"qemu-img create {name} failed: {proc.stderr.strip()}")
+        return path
+
+    def qemu_io(self, path: Path, *commands: str, fmt: str = "qcow2",
+                force_share: bool = False) -> QemuIoResult:
+        argv = [str(self.build.qemu_io), "-f", fmt, *(["-U"] if force_share else [])]
+        for c in commands:
+            argv += ["-c", c]
+        proc = self._run([*argv, str(path)], f"qemu-io {path.name}")
+        return QemuIoResult("; ".join(commands), (proc.stdout + proc.stderr).strip())
+
+    def write(self, path: Path, pattern: int, offset: int | str, length: int | str,
+              fmt: str = "qcow2") -> None:
+        result = self.qemu_io(path, f"write -P {pattern:#x} {offset} {length}", fmt=fmt)
+        if not result.ok:
+            raise ImageError(f"writing pattern {pattern:#x} to {path.name} failed: "
+                             f"{result.error}")
+
+    def holds(self, path: Path, pattern: int, offset: int | str, length: int | str,
+              fmt: str = "qcow2", force_share: bool = False) -> bool:
+        """True if every byte of the range reads as ``pattern``."""
+        result = self.qemu_io(path, f"read -P {pattern:#x} {offset} {length}", fmt=fmt,
+                              force_share=force_share)
+        if "Pattern verification failed" in result.output:
+            return False
+        if not result.ok:
+            raise ImageError(f"reading {path.name} at {offset} failed: {result.error}")
+        return True
+
+    def identical(self, a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -> bool:
+        """``qemu-img compare``: same guest-visible content?"""
+        proc = self._run([str(self.build.qemu_img), "compare", "-q", "-f", fmt_a, "-F", fmt_b,
+                          str(a), str(b)], f"compare {a.name} {b.name}")
+        if proc.returncode in (0, 1):
+            return proc.returncode == 0
+        raise ImageError(f"qemu-img compare {a.name} {b.name} failed: {proc.stderr.strip()}")

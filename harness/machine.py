@@ -1,0 +1,543 @@
+"""One QEMU process, its whole life: launch, QMP, bounded waits, teardown.
+
+Design points, each learnt the hard way:
+
+* QMP runs over a socketpair passed as a file descriptor: no socket path, so no
+  length limit and no connect race.
+* Every wait races the operation against the process's exit (a pidfd) and a
+  timeout; qemu.qmp alone would wait forever on a QEMU that died or hangs.
+* QEMU runs in its own session (process group) with a parent-death signal, so it
+  dies with the test process even if that is SIGKILLed, and teardown can kill the
+  whole group.  A QEMU that livelocks ignores ``quit`` and SIGTERM: teardown ends
+  with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+
+from qemu.qmp import QMPClient
+from qemu.qmp.qmp_client import ExecuteError
+
+from .builds import QemuBuild
+from .conversation import Conversation
+from .errors import (CommandFailed, LaunchFailure, QEMUDied, QEMUError, QEMUUnresponsive,
+                     WaitTimeout, describe_exit)
+
+T = TypeVar("T")
+
+LAUNCH_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 20.0
+EVENT_TIMEOUT = 30.0
+QUIT_TIMEOUT = 3.0
+MAX_KEPT_EVENTS = 100_000
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the test process dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@functools.lru_cache(maxsize=None)
+def supports_monitor_object(qemu_system: str) -> bool:
+    """True if the build has ``-object monitor-qmp`` (``-mon`` is deprecated from 11.1)."""
+    try:
+        out = subprocess.run([qemu_system, "-object", "help"], capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return re.search(r"^\s*monitor-qmp\s*$", out.stdout, re.M) is not None
+
+
+def _sh_quote_relocatable(arg: str, folder: str) -> str:
+    """Quote ``arg`` for sh, with ``folder`` replaced by ``"$HERE"`` (artifacts move)."""
+    pieces = arg.split(folder)
+    return '"$HERE"'.join(shlex.quote(p) if p else "" for p in pieces) or "''"
+
+
+def event_matches(event: Mapping[str, Any], name: str, data: Mapping[str, Any] | None) -> bool:
+    """Does ``event`` have this name and (recursively) at least this data?"""
+    return event.get("event") == name and _partial_match(event.get("data", {}), data or {})
+
+
+def _partial_match(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, Mapping):
+        return isinstance(actual, Mapping) and all(
+            k in actual and _partial_match(actual[k], v) for k, v in wanted.items())
+    return actual == wanted
+
+
+@dataclass(frozen=True)
+class QemuIoResult:
+    """What an HMP ``qemu-io`` command printed, and whether it failed."""
+
+    command: str
+    output: str
+
+    @property
+    def error(self) -> str | None:
+        """The error text (``Input/output error``) of the first failure line, if any."""
+        for line in self.output.splitlines():
+            m = re.search(r"\b(?:read|write|writev|readv|aio_\w+|flush|discard|"
+                          r"write_zeroes|pwrite|pread)\S* failed: (.+)$", line)
+            if m:
+                return m.group(1).strip()
+            if "Pattern verification failed" in line or "qemu-io:" in line:
+                return line.strip()
+        return None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _RecordingClient(QMPClient):
+    """A QMPClient that shows every message to its machine (log and event stream)."""
+
+    def __init__(self, name: str, on_message: Callable[[str, Any], None]):
+        super().__init__(name)
+        self._observe = on_message
+
+    def _cb_outbound(self, msg):  # type: ignore[no-untyped-def]
+        self._observe(">", dict(msg))
+        return super()._cb_outbound(msg)
+
+    def _cb_inbound(self, msg):  # type: ignore[no-untyped-def]
+        self._observe("<", dict(msg))
+        return super()._cb_inbound(msg)
+
+
+class Machine:
+    """A real ``qemu-system-x86_64`` with QMP, as a context manager.
+
+    >>> with Machine(build, workdir, args=["-blockdev", "..."]) as vm:
+    ...     vm.qmp("blockdev-backup", {...})
+    ...     vm.wait_event("BLOCK_JOB_COMPLETED", {"device": "job0"})
+    """
+
+    def __init__(self, build: QemuBuild, workdir: Path, *, name: str = "vm",
+                 args: Sequence[str] = (), machine_type: str = "pc", accel: str = "tcg",
+                 command_timeout: float = COMMAND_TIMEOUT, event_timeout: float = EVENT_TIMEOUT,
+                 launch_timeout: float = LAUNCH_TIMEOUT):
+        self.build = build
+        self.name = name
+        self.workdir = Path(workdir)
+        self.machine_type = machine_type
+        self.accel = accel
+        self.command_timeout = command_timeout
+        self.event_timeout = event_timeout
+        self.launch_timeout = launch_timeout
+        self._args = list(args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: _RecordingClient | None = None
+        self._exited: asyncio.Future[int] | None = None
+        self._pidfd: int | None = None
+        self._new_event: asyncio.Event | None = None
+        self._events: list[dict[str, Any]] = []
+        self._consumed: set[int] = set()
+        self._dropped_events = 0
+        self._stdout_offset = 0
+        self._killed_by_harness = False
+        self.cmdline: list[str] = []
+        self.conversation: Conversation | None = None
+        self.exitcode: int | None = None
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def stdout_path(self) -> Path:
+        return self.workdir / f"{self.name}.stdout"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / f"{self.name}.stderr"
+
+    @property
+    def qmp_log_path(self) -> Path:
+        return self.workdir / f"{self.name}.qmp.log"
+
+    @property
+    def reproducer_path(self) -> Path:
+        return self.workdir / f"{self.name}.reproduce.sh"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def add_args(self, *args: str) -> None:
+        if self._proc is not None:
+            raise RuntimeError("add_args() after launch()")
+        self._args.extend(args)
+
+    # ---------------------------------------------------------------- launch
+    def _monitor_args(self, fd: int) -> list[str]:
+        chardev = ["-chardev", f"socket,id=qmp,fd={fd}"]
+        if supports_monitor_object(str(self.build.qemu_system)):
+            return chardev + ["-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"]
+        return chardev + ["-mon", "chardev=qmp,mode=control"]
+
+    def _base_args(self) -> list[str]:
+        return [str(self.build.qemu_system), "-nodefaults", "-display", "none",
+                "-machine", self.machine_type, "-accel", self.accel]
+
+    def launch(self) -> "Machine":
+        """Start QEMU and complete the QMP handshake, or raise :class:`LaunchFailure`."""
+        if self._proc is not None:
+            raise RuntimeError("launch() called twice")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.cmdline = self._base_args() + self._monitor_args(theirs.fileno()) + self._args
+            self._write_reproducer()
+            self.conversation = Conversation(self.qmp_log_path)
+            self.conversation.note("launch: " + shlex.join(self.cmdline))
+            with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+                try:
+                    self._proc = subprocess.Popen(
+                        self.cmdline, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                        pass_fds=[theirs.fileno()], start_new_session=True,
+                        preexec_fn=_die_with_parent, cwd=self.workdir)
+                except OSError as exc:
+                    raise LaunchFailure(f"cannot start {self.build.qemu_system}: {exc.strerror}",
+                                        cmdline=self.cmdline) from None
+        finally:
+            theirs.close()
+        self._loop = asyncio.new_event_loop()
+        self._exited = self._loop.create_future()
+        self._new_event = asyncio.Event()
+        self._watch_exit()
+        self._client = _RecordingClient(self.name, self._on_message)
+        try:
+            self._run(self._client.connect(ours), self.launch_timeout, "the QMP greeting")
+        except QEMUError as exc:
+            self.shutdown()
+            raise LaunchFailure(f"QEMU failed to start: {exc.message}", cmdline=self.cmdline,
+                                log_tail=self.log_tail(), exitcode=self.exitcode) from None
+        return self
+
+    def _watch_exit(self) -> None:
+        assert self._loop and self._proc and self._exited
+        try:
+            self._pidfd = os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
+        if self._pidfd is not None:
+            self._loop.add_reader(self._pidfd, self._on_exit)
+        else:  # no pidfd (old kernel): poll the child
+            async def poll() -> None:
+                while self._proc and self._proc.poll() is None:
+                    await asyncio.sleep(0.05)
+                self._on_exit()
+            self._loop.create_task(poll())
+
+    def _on_exit(self) -> None:
+        assert self._proc and self._exited and self._loop
+        code = self._proc.poll()
+        if code is None:
+            return
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+        self.exitcode = code
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    def _write_reproducer(self) -> None:
+        """A script that runs the same QEMU by hand, with QMP on a socket in its folder."""
+        args = [a for a in self.cmdline]
+        i = args.index("-chardev")
+        args[i + 1] = "socket,id=qmp,path=qmp.sock,server=on,wait=off"
+        quoted = " \\\n    ".join(_sh_quote_relocatable(a, str(self.workdir)) for a in args)
+        self.reproducer_path.write_text(
+            "#!/bin/sh\n"
+            f"# Runs QEMU as the harness did for {self.name!r}; QMP listens on ./qmp.sock\n"
+            "# (connect with: qmp-shell qmp.sock). The commands the test sent are in\n"
+            f"# {self.qmp_log_path.name}; images are in this folder.\n"
+            'HERE="$(cd "$(dirname "$0")" && pwd)"\ncd "$HERE"\n'
+            f"exec {quoted}\n")
+        self.reproducer_path.chmod(0o755)
+
+    # --------------------------------------------------------- waiting core
+    def _on_message(self, direction: str, msg: dict[str, Any]) -> None:
+        if self.conversation:
+            self.conversation.record(direction, msg)
+        if direction == "<" and "event" in msg:
+            if len(self._events) < MAX_KEPT_EVENTS:
+                self._events.append(msg)
+            else:
+                self._dropped_events += 1
+            if self._new_event:
+                self._new_event.set()
+
+    def _run(self, aw: Awaitable[T], timeout: float, what: str, *, waiting: bool = False) -> T:
+        """Run ``aw`` until done, QEMU exits, or ``timeout``; raise the matching error."""
+        if self._loop is None or self._loop.is_closed():
+            raise QEMUDied(f"{self.name}: cannot wait for {what}: QEMU is not running",
+                           cmdline=self.cmdline)
+        return self._loop.run_until_complete(self._guarded(aw, timeout, what, waiting))
+
+    async def _guarded(self, aw: Awaitable[T], timeout: float, what: str, waiting: bool) -> T:
+        assert self._exited is not None
+        task = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({task, self._exited}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done and not task.cancelled() and task.exception() is None:
+            return task.result()
+        if task in done:
+            # A lost connection usually means QEMU is dying: give it a moment to be reaped.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited), 1.0)
+            if not self._exited.done():
+                exc = task.exception()
+                if isinstance(exc, ExecuteError):
+                    raise exc
+                raise QEMUError(f"{self.name}: {what} failed: {exc!r}", cmdline=self.cmdline,
+                                log_tail=self.log_tail()) from exc
+        else:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self._exited.done():
+            raise QEMUDied(f"{self.name}: QEMU exited ({describe_exit(self._exited.result())}) "
+                           f"while the harness waited for {what}", cmdline=self.cmdline,
+                           log_tail=self.log_tail(), exitcode=self._exited.result())
+        if waiting and await self._answers_ping():
+            raise WaitTimeout(f"{self.name}: timed out after {timeout:g}s waiting for {what} "
+                              "(QEMU still answers QMP)", cmdline=self.cmdline,
+                              log_tail=self.log_tail())
+        raise QEMUUnresponsive(
+            f"{self.name}: QEMU stopped answering QMP: no reply within {timeout:g}s to {what} "
+            f"(process {self._process_state()})", cmdline=self.cmdline, log_tail=self.log_tail())
+
+    async def _answers_ping(self) -> bool:
+        assert self._client is not None
+        task = asyncio.ensure_future(self._client.execute("query-status"))
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if task in done and task.exception() is None:
+            return True
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return False
+
+    def _process_state(self) -> str:
+        """'stopped (SIGSTOP?)' / 'running' / 'sleeping', from /proc."""
+        if self._proc is None:
+            return "not started"
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+        except OSError:
+            return "gone"
+        state = stat.rsplit(")", 1)[1].split()[0]
+        return {"T": "is stopped (SIGSTOP?)", "t": "is stopped by a tracer",
+                "R": "is running (busy: livelock?)", "S": "is sleeping",
+                "D": "is in uninterruptible I/O", "Z": "is a zombie"}.get(state, f"state {state}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of QEMU's stderr and stdout."""
+        out = []
+        for path in (self.stderr_path, self.stdout_path):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").strip()
+                if text:
+                    out.append("\n".join(text.splitlines()[-lines:]))
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ QMP
+    def qmp(self, command: str, args: Mapping[str, Any] | None = None, *,
+            timeout: float | None = None) -> Any:
+        """Execute ``command``; return its ``return`` value or raise :class:`CommandFailed`."""
+        assert self._client is not None, "launch() first"
+        try:
+            return self._run(self._client.execute(command, dict(args) if args else None),
+                             timeout or self.command_timeout, f"QMP {command}")
+        except ExecuteError as exc:
+            raise CommandFailed(command, dict(args or {}), exc.error.error.class_,
+                                exc.error.error.desc, cmdline=self.cmdline) from None
+
+    def qmp_error(self, command: str, args: Mapping[str, Any] | None = None) -> CommandFailed:
+        """Execute a command that must fail; return the error (AssertionError if it succeeds)."""
+        try:
+            result = self.qmp(command, args)
+        except CommandFailed as exc:
+            return exc
+        raise AssertionError(f"QMP {command} {dict(args or {})} succeeded ({result!r}); "
+                             "an error was expected")
+
+    def hmp(self, command_line: str) -> str:
+        return str(self.qmp("human-monitor-command", {"command-line": command_line}))
+
+    def qemu_io(self, target: str, command: str, *, device: bool = True) -> QemuIoResult:
+        """Run ``qemu-io`` on a guest device (``-d``) or a node, as a guest would write.
+
+        qemu-io prints on QEMU's stdout, not in the QMP reply: collect both.
+        """
+        escaped = command.replace("\\", "\\\\").replace('"', '\\"')
+        line = f'qemu-io {"-d " if device else ""}{target} "{escaped}"'
+        start = self.stdout_path.stat().st_size
+        reply = self.hmp(line)
+        with open(self.stdout_path, "rb") as fh:
+            fh.seek(start)
+            printed = fh.read().decode(errors="replace")
+        result = QemuIoResult(command, (reply + printed).strip())
+        if self.conversation:
+            self.conversation.note(f"qemu-io {target} {command!r} -> {result.output!r}")
+        return result
+
+    # --------------------------------------------------------------- events
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every event received so far, in order (call :meth:`pump` to read pending ones)."""
+        return list(self._events)
+
+    def events_named(self, name: str, data: Mapping[str, Any] | None = None
+                     ) -> list[dict[str, Any]]:
+        return [e for e in self._events if event_matches(e, name, data)]
+
+    def pump(self, timeout: float = 0.05) -> None:
+        """Let queued events arrive (QMP is only read while the harness waits)."""
+        if self._loop and not self._loop.is_closed() and not self._exited.done():  # type: ignore
+            self._loop.run_until_complete(asyncio.sleep(timeout))
+
+    def wait_event(self, name: str, data: Mapping[str, Any] | None = None, *,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """The earliest not yet consumed event ``name`` whose data contains ``data``.
+
+        Events already received count; each event is returned by at most one wait.
+        """
+        want = f"event {name}" + (f" {dict(data)}" if data else "")
+        return self._run(self._wait_for(lambda e: event_matches(e, name, data)),
+                         timeout or self.event_timeout, want, waiting=True)
+
+    def wait_any_event(self, wanted: Sequence[tuple[str, Mapping[str, Any] | None]], *,
+                       timeout: float | None = None) -> dict[str, Any]:
+        """The earliest unconsumed event matching any of ``(name, data)``."""
+        want = " or ".join(f"event {n}" + (f" {dict(d)}" if d else "") for n, d in wanted)
+        return self._run(self._wait_for(lambda e: any(event_matches(e, n, d) for n, d in wanted)),
+                         timeout or self.event_timeout, want, waiting=True)
+
+    async def _wait_for(self, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        assert self._new_event is not None
+        scanned = 0
+        while True:
+            for i in range(scanned, len(self._events)):
+                if i not in self._consumed and pred(self._events[i]):
+                    self._consumed.add(i)
+                    return self._events[i]
+            scanned = len(self._events)
+            self._new_event.clear()
+            await self._new_event.wait()
+
+    def wait_job_status(self, job_id: str, status: str, *,
+                        timeout: float | None = None) -> dict[str, Any]:
+        return self.wait_event("JOB_STATUS_CHANGE", {"id": job_id, "status": status},
+                               timeout=timeout)
+
+    def job_statuses(self, job_id: str) -> list[str]:
+        """The ordered JOB_STATUS_CHANGE statuses of one job, as received so far."""
+        return [e["data"]["status"] for e in self.events_named("JOB_STATUS_CHANGE",
+                                                               {"id": job_id})]
+
+    # -------------------------------------------------------------- teardown
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to QEMU's whole process group (for tests of the harness itself)."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
+    def shutdown(self, *, quit_timeout: float = QUIT_TIMEOUT) -> int | None:
+        """Stop QEMU whatever state it is in; returns its exit code.
+
+        ``quit`` first; if QEMU does not exit within ``quit_timeout``, SIGKILL its
+        process group.  Always closes the connection, the loop and the log.
+        """
+        proc = self._proc
+        try:
+            if proc is not None and proc.poll() is None and self._client is not None \
+                    and self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(Exception):
+                    self._run(self._client.execute("quit"), quit_timeout, "QMP quit")
+                with contextlib.suppress(Exception):
+                    self._run(asyncio.shield(self._exited), quit_timeout,  # type: ignore
+                              "QEMU to exit after quit")
+            if proc is not None and proc.poll() is None:
+                self._killed_by_harness = True
+                if self.conversation:
+                    self.conversation.note("QEMU did not exit after quit: SIGKILL")
+                self.kill(signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+            # Anything left in QEMU's process group (helpers it forked) goes too.
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                self.exitcode = proc.poll()
+        finally:
+            self._close_loop()
+            if self.conversation:
+                self.conversation.note(f"QEMU ended: {describe_exit(self.exitcode)}")
+                self.conversation.close()
+        return self.exitcode
+
+    def _close_loop(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if self._client is not None:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+
+    @property
+    def killed_by_harness(self) -> bool:
+        return self._killed_by_harness
+
+    def __enter__(self) -> "Machine":
+        return self.launch()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+
+def wait_until(check: Callable[[], T | None], machine: Machine, what: str, *,
+               timeout: float = EVENT_TIMEOUT, poll: float = 0.02) -> T:
+    """Poll a QMP-visible state (``check`` returns a truthy value when reached).
+
+    For states that announce no event; still bounded and still wakes on QEMU's death.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"{machine.name}: timed out after {timeout:g}s waiting for {what}",
+                              cmdline=machine.cmdline, log_tail=machine.log_tail())
+        machine.pump(poll)

@@ -1,0 +1,237 @@
+"""What a build can do: version, accelerators and QMP schema, once per run.
+
+Tests ask for capabilities by name (``"blockdev-backup.on-cbw-error"``), never by
+version number; a capability is a question asked of the build's own QMP schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .builds import QemuBuild
+from .errors import ConfigError, HarnessError, MissingCapability
+
+
+class Schema:
+    """Queries on ``query-qmp-schema`` output (type names there are opaque numbers)."""
+
+    def __init__(self, entries: Iterable[dict[str, Any]]):
+        self.entries = list(entries)
+        self._by_name = {e["name"]: e for e in self.entries}
+
+    def _get(self, name: str) -> dict[str, Any] | None:
+        return self._by_name.get(name)
+
+    def has_command(self, command: str) -> bool:
+        e = self._get(command)
+        return e is not None and e.get("meta-type") == "command"
+
+    def _members(self, type_name: str, variant: str | None = None) -> list[dict[str, Any]]:
+        t = self._get(type_name)
+        if t is None or t.get("meta-type") != "object":
+            return []
+        members = list(t.get("members", []))
+        if variant is not None:
+            for v in t.get("variants", []):
+                if v["case"] == variant:
+                    members += self._members(v["type"])
+                    break
+            else:
+                return []
+        return members
+
+    def command_args(self, command: str) -> set[str]:
+        e = self._get(command)
+        if e is None or e.get("meta-type") != "command":
+            return set()
+        t = self._get(e["arg-type"])
+        if t is None:
+            return set()
+        names = {m["name"] for m in t.get("members", [])}
+        for v in t.get("variants", []):  # boxed unions (blockdev-backup is flat)
+            names |= {m["name"] for m in self._members(v["type"])}
+        return names
+
+    def block_drivers(self) -> set[str]:
+        opts = self._blockdev_options()
+        tag = next((m for m in opts.get("members", []) if m["name"] == opts.get("tag")), None)
+        return set(self.enum_values(tag["type"])) if tag else set()
+
+    def _blockdev_options(self) -> dict[str, Any]:
+        cmd = self._get("blockdev-add")
+        if not cmd:
+            return {}
+        return self._get(cmd["arg-type"]) or {}
+
+    def driver_options(self, driver: str) -> set[str]:
+        """Options of ``blockdev-add`` for one driver (common ones included); empty if unknown."""
+        opts = self._blockdev_options()
+        return {m["name"] for m in self._members(opts.get("name", ""), driver)} if opts else set()
+
+    def driver_member_type(self, driver: str, member: str) -> dict[str, Any] | None:
+        opts = self._blockdev_options()
+        for m in self._members(opts.get("name", ""), driver):
+            if m["name"] == member:
+                return self._get(m["type"])
+        return None
+
+    def enum_values(self, type_name: str) -> list[str]:
+        t = self._get(type_name)
+        if t is None or t.get("meta-type") != "enum":
+            return []
+        if "members" in t:
+            return [m["name"] for m in t["members"]]
+        return list(t.get("values", []))
+
+    def blkdebug_events(self) -> list[str]:
+        """Values of ``BlkdebugEvent``, the events a blkdebug rule may name."""
+        array = self.driver_member_type("blkdebug", "inject-error")
+        if not array or array.get("meta-type") != "array":
+            return []
+        rule = self._get(array["element-type"])
+        for m in (rule or {}).get("members", []):
+            if m["name"] == "event":
+                return self.enum_values(m["type"])
+        return []
+
+    def command_arg_enum(self, command: str, arg: str) -> list[str]:
+        e = self._get(command)
+        t = self._get(e["arg-type"]) if e else None
+        for m in (t or {}).get("members", []):
+            if m["name"] == arg:
+                return self.enum_values(m["type"])
+        return []
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    description: str
+    check: Callable[["BuildInfo"], bool]
+
+
+def _cap(name: str, description: str, check: Callable[["BuildInfo"], bool]) -> Capability:
+    return Capability(name, description, check)
+
+
+CAPABILITIES: dict[str, Capability] = {c.name: c for c in [
+    _cap("blockdev-backup.on-cbw-error", "blockdev-backup accepts on-cbw-error",
+         lambda b: "on-cbw-error" in b.schema.command_args("blockdev-backup")),
+    _cap("blockdev-backup.x-perf", "blockdev-backup accepts x-perf (max-chunk)",
+         lambda b: "x-perf" in b.schema.command_args("blockdev-backup")),
+    _cap("copy-before-write", "the copy-before-write block driver",
+         lambda b: "copy-before-write" in b.schema.block_drivers()),
+    _cap("copy-before-write.on-cbw-error", "the copy-before-write driver has on-cbw-error",
+         lambda b: "on-cbw-error" in b.schema.driver_options("copy-before-write")),
+    _cap("copy-before-write.cbw-timeout", "the copy-before-write driver has cbw-timeout",
+         lambda b: "cbw-timeout" in b.schema.driver_options("copy-before-write")),
+    _cap("snapshot-access", "the snapshot-access block driver",
+         lambda b: "snapshot-access" in b.schema.block_drivers()),
+    _cap("blkdebug", "the blkdebug block driver",
+         lambda b: "blkdebug" in b.schema.block_drivers()),
+    _cap("throttle", "the throttle block driver with throttle-group objects",
+         lambda b: "throttle" in b.schema.block_drivers()),
+    _cap("accel.tcg", "the TCG accelerator", lambda b: "tcg" in b.accelerators),
+]}
+
+
+@dataclass
+class BuildInfo:
+    """A probed build: what the header shows and what capability checks read."""
+
+    build: QemuBuild
+    version: str
+    package: str
+    accelerators: list[str]
+    schema: Schema
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
+
+    def has(self, capability: str) -> bool:
+        return self._capability(capability).check(self)
+
+    def require(self, capability: str) -> None:
+        cap = self._capability(capability)
+        if not cap.check(self):
+            raise MissingCapability(f"build lacks capability {cap.name!r}: "
+                                    f"{cap.description} (QEMU {self.version})")
+
+    @staticmethod
+    def _capability(name: str) -> Capability:
+        try:
+            return CAPABILITIES[name]
+        except KeyError:
+            raise ConfigError(f"unknown capability {name!r}; known: "
+                              f"{', '.join(sorted(CAPABILITIES))}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "package": self.package,
+                "accelerators": self.accelerators, "schema": self.schema.entries,
+                "tool_versions": self.tool_versions}
+
+    @classmethod
+    def from_json(cls, build: QemuBuild, data: dict[str, Any]) -> "BuildInfo":
+        return cls(build, data["version"], data["package"], data["accelerators"],
+                   Schema(data["schema"]), data.get("tool_versions", {}))
+
+
+def _tool_version(binary: Path) -> str:
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"{binary} does not run ({exc}); pass a working build") from None
+    first = (out.stdout or out.stderr).strip().splitlines()
+    if out.returncode != 0 or not first:
+        raise ConfigError(f"{binary} --version failed ({out.stderr.strip()[:200]!r}); "
+                          "pass a working build")
+    return first[0]
+
+
+def accelerators(qemu_system: Path) -> list[str]:
+    out = subprocess.run([str(qemu_system), "-accel", "help"], capture_output=True, text=True,
+                         timeout=30, stdin=subprocess.DEVNULL)
+    return [line.strip() for line in out.stdout.splitlines()[1:] if line.strip()]
+
+
+def probe(build: QemuBuild) -> BuildInfo:
+    """Start the build once (no guest) and ask it what it has."""
+    from .machine import Machine  # machine imports builds; keep probe importable alone
+
+    tool_versions = {tool: _tool_version(path) for tool, path in
+                     [("qemu-system-x86_64", build.qemu_system), ("qemu-img", build.qemu_img),
+                      ("qemu-io", build.qemu_io)]}
+    accels = accelerators(build.qemu_system)
+    if "tcg" not in accels:
+        raise ConfigError(f"{build.qemu_system} has no TCG accelerator (has: {', '.join(accels)}); "
+                          "the harness runs guests under TCG: build QEMU with TCG")
+    with tempfile.TemporaryDirectory(prefix="cbw-probe-") as tmp:
+        vm = Machine(build, Path(tmp), name="probe", machine_type="none")
+        try:
+            vm.launch()
+            schema = vm.qmp("query-qmp-schema")
+            version = vm.qmp("query-version")
+        except HarnessError as exc:
+            raise ConfigError(f"{build.qemu_system} failed its probe: {exc}") from None
+        finally:
+            vm.shutdown()
+    q = version["qemu"]
+    return BuildInfo(build, f"{q['major']}.{q['minor']}.{q['micro']}",
+                     version.get("package", "").strip(), accels, Schema(schema), tool_versions)
+
+
+def save(info: BuildInfo, path: Path) -> None:
+    path.write_text(json.dumps(info.to_json()))
+
+
+def load(build: QemuBuild, path: Path) -> BuildInfo:
+    return BuildInfo.from_json(build, json.loads(path.read_text()))

@@ -1,0 +1,145 @@
+"""Self-tests of the machine lifecycle, each against a real QEMU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import LaunchFailure, QEMUDied, QEMUUnresponsive, WaitTimeout
+from harness.machine import Machine
+
+pytestmark = pytest.mark.selftest
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_sigkill_while_waiting_on_event_raises_died_at_once(launch_vm):
+    vm = launch_vm()
+    pid = vm.pid
+    # Deliver the signal from outside the harness while it waits.
+    killer = subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -KILL {pid}"])
+    start = time.monotonic()
+    with pytest.raises(QEMUDied) as info:
+        vm.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+    elapsed = time.monotonic() - start
+    killer.wait()
+    assert elapsed < 3, f"waited {elapsed:.1f}s for a dead QEMU"
+    assert "killed by signal 9 (SIGKILL)" in str(info.value)
+    assert info.value.cmdline[0] == str(vm.build.qemu_system)
+    vm.shutdown()
+    assert process_gone(pid)
+
+
+def test_sigstopped_qemu_is_reported_unresponsive_and_torn_down(launch_vm):
+    vm = launch_vm()
+    pid = vm.pid
+    vm.kill(signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(QEMUUnresponsive) as info:
+        vm.qmp("query-status", timeout=1.5)
+    assert time.monotonic() - start < 4
+    assert "stopped answering" in str(info.value) and "stopped (SIGSTOP?)" in str(info.value)
+    start = time.monotonic()
+    vm.shutdown(quit_timeout=1)
+    assert time.monotonic() - start < 5
+    assert vm.killed_by_harness
+    assert process_gone(pid)
+
+
+def test_event_wait_times_out_clearly_while_qemu_answers(launch_vm):
+    vm = launch_vm()
+    with pytest.raises(WaitTimeout) as info:
+        vm.wait_event("BLOCK_JOB_COMPLETED", {"device": "nothing"}, timeout=0.5)
+    assert "QEMU still answers QMP" in str(info.value)
+    assert vm.qmp("query-status")["status"] == "running"
+
+
+def test_missing_binary_fails_launch_with_one_line(qemu_build, workdir):
+    from dataclasses import replace
+    broken = replace(qemu_build, qemu_system=workdir / "no-such-qemu")
+    with pytest.raises(LaunchFailure) as info:
+        Machine(broken, workdir).launch()
+    assert "no-such-qemu" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_command_line_reports_qemu_output(launch_vm):
+    with pytest.raises(LaunchFailure) as info:
+        launch_vm(["-blockdev", "driver=no-such-driver,node-name=x"])
+    assert "no-such-driver" in str(info.value)  # QEMU's own complaint is carried along
+    assert "exit status 1" in str(info.value)
+
+
+def test_harness_command_line_draws_no_warning_from_qemu(launch_vm):
+    vm = launch_vm()
+    vm.qmp("query-status")
+    vm.shutdown()
+    assert vm.stderr_path.read_text() == "", "QEMU warned about the harness's command line"
+
+
+def test_deep_workdir_beyond_socket_path_limit(qemu_build, workdir):
+    deep = workdir
+    while len(str(deep)) < 300:  # sun_path holds 108 bytes
+        deep = deep / ("d" * 50)
+    with Machine(qemu_build, deep) as vm:
+        assert vm.qmp("query-status")["running"]
+
+
+def test_events_are_kept_in_order_and_matched_partially(launch_vm):
+    vm = launch_vm()
+    vm.qmp("stop")
+    vm.qmp("cont")
+    resume = vm.wait_event("RESUME")
+    stop = vm.wait_event("STOP")  # arrived first, still found: waits consume, not discard
+    assert [e["event"] for e in vm.events] == ["STOP", "RESUME"]
+    assert stop is vm.events[0] and resume is vm.events[1]
+    with pytest.raises(WaitTimeout):  # each event is returned by one wait only
+        vm.wait_event("STOP", timeout=0.3)
+
+
+def test_qemu_io_returns_what_qemu_printed(launch_vm, images):
+    src = images.create("src.qcow2", "1M")
+    vm = launch_vm(["-blockdev", json.dumps({"driver": "qcow2", "node-name": "src", "file": {
+        "driver": "file", "filename": str(src)}}),
+        "-device", "virtio-scsi,id=scsi", "-device", "scsi-hd,drive=src,id=disk0"])
+    wrote = vm.qemu_io("disk0", "write -P 0x5a 0 64k")
+    assert wrote.ok and "wrote 65536/65536 bytes at offset 0" in wrote.output
+    mismatch = vm.qemu_io("disk0", "read -P 0x11 0 64k")
+    assert not mismatch.ok and "Pattern verification failed" in mismatch.error
+
+
+def test_reproducer_script_starts_the_same_qemu(launch_vm, workdir):
+    vm = launch_vm()
+    script = vm.reproducer_path
+    proc = subprocess.Popen(["sh", str(script)], cwd="/", start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        sock_path = workdir / "qmp.sock"
+        deadline = time.monotonic() + 10
+        sock = socket.socket(socket.AF_UNIX)
+        while True:
+            try:
+                sock.connect(str(sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "reproducer's QEMU never listened"
+                time.sleep(0.05)
+        greeting = json.loads(sock.makefile().readline())
+        assert "QMP" in greeting
+        sock.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
