@@ -151,6 +151,7 @@ class Machine:
         self._new_event: asyncio.Event | None = None
         self._events: list[dict[str, Any]] = []
         self._consumed: set[int] = set()
+        self._unconsumed_from = 0  # every event before this index has been consumed
         self._dropped_events = 0
         self._stdout_offset = 0
         self._killed_by_harness = False
@@ -414,14 +415,25 @@ class Machine:
             self._loop.run_until_complete(asyncio.sleep(timeout))
 
     def wait_event(self, name: str, data: Mapping[str, Any] | None = None, *,
-                   timeout: float | None = None) -> dict[str, Any]:
+                   timeout: float | None = None,
+                   after: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The earliest not yet consumed event ``name`` whose data contains ``data``.
 
         Events already received count; each event is returned by at most one wait.
+        ``after``: only events received after this one (an event this machine returned).
         """
         want = f"event {name}" + (f" {dict(data)}" if data else "")
-        return self._run(self._wait_for(lambda e: event_matches(e, name, data)),
+        return self._run(self._wait_for(lambda e: event_matches(e, name, data),
+                                        self._index_after(after)),
                          timeout or self.event_timeout, want, waiting=True)
+
+    def _index_after(self, event: Mapping[str, Any] | None) -> int:
+        if event is None:
+            return 0
+        for i in range(len(self._events) - 1, -1, -1):
+            if self._events[i] is event:
+                return i + 1
+        raise ValueError("after= must be an event this machine returned")
 
     def wait_any_event(self, wanted: Sequence[tuple[str, Mapping[str, Any] | None]], *,
                        timeout: float | None = None) -> dict[str, Any]:
@@ -430,22 +442,25 @@ class Machine:
         return self._run(self._wait_for(lambda e: any(event_matches(e, n, d) for n, d in wanted)),
                          timeout or self.event_timeout, want, waiting=True)
 
-    async def _wait_for(self, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    async def _wait_for(self, pred: Callable[[dict[str, Any]], bool],
+                        start: int = 0) -> dict[str, Any]:
         assert self._new_event is not None
-        scanned = 0
+        scanned = max(start, self._unconsumed_from)
         while True:
             for i in range(scanned, len(self._events)):
                 if i not in self._consumed and pred(self._events[i]):
                     self._consumed.add(i)
+                    while self._unconsumed_from in self._consumed:
+                        self._unconsumed_from += 1
                     return self._events[i]
             scanned = len(self._events)
             self._new_event.clear()
             await self._new_event.wait()
 
-    def wait_job_status(self, job_id: str, status: str, *,
-                        timeout: float | None = None) -> dict[str, Any]:
+    def wait_job_status(self, job_id: str, status: str, *, timeout: float | None = None,
+                        after: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return self.wait_event("JOB_STATUS_CHANGE", {"id": job_id, "status": status},
-                               timeout=timeout)
+                               timeout=timeout, after=after)
 
     def job_statuses(self, job_id: str) -> list[str]:
         """The ordered JOB_STATUS_CHANGE statuses of one job, as received so far."""

@@ -24,6 +24,7 @@ from .conversation import render
 from .errors import HarnessError, MissingCapability
 from .images import Images
 from .machine import Machine
+from .transcript import Transcript, compare, reference_path
 
 _live_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()
 _ARTIFACTS_MARK = ".cbw-artifacts"
@@ -54,6 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="where failed tests keep their QMP log, QEMU output and reproducer")
     g.addoption("--keep-all-artifacts", action="store_true",
                 help="keep the folder of passing tests too")
+    g.addoption("--regen-reference", action="store_true",
+                help="rewrite the reference transcripts (.out) from this run")
     g.addoption("--qmp-timeout", type=float, default=None, metavar="SECONDS",
                 help="default time limit for QMP replies and awaited events")
 
@@ -177,6 +180,24 @@ def _keep_artifacts(src: Path, dest: Path) -> None:
     (dest / _ARTIFACTS_MARK).touch()
     for log in dest.glob("*.qmp.log"):
         (dest / log.name.replace(".qmp.log", ".conversation.txt")).write_text(render(log, 10**6))
+
+
+@pytest.fixture
+def transcript() -> Transcript:
+    """The test's iotests-style transcript (compare it with :func:`check_transcript`)."""
+    return Transcript()
+
+
+@pytest.fixture
+def check_transcript(request: pytest.FixtureRequest, build_info: probe.BuildInfo,
+                     transcript: Transcript) -> Callable[[], None]:
+    """Compare the transcript with ``reference/<module>/<test>.out`` beside the test."""
+    def check() -> None:
+        test_file = Path(str(request.node.path))
+        folder = test_file.parent / "reference" / test_file.stem
+        ref = reference_path(folder, request.node.name, build_info.version_tuple)
+        compare(transcript.text, ref, request.config.getoption("regen_reference"))
+    return check
 
 
 @pytest.fixture

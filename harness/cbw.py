@@ -1,0 +1,467 @@
+"""Copy-before-write scenarios: build a layout, inject a fault, drive guest I/O and the job.
+
+A scenario is one run of one layout with one ``on-cbw-error`` value, one fault and
+one job policy.  It returns an :class:`Observation` of what users rely on (the guest
+write's result, the job's events and end, the data left in source and backup); the
+test asserts on it.  Every step is also written to a :class:`Transcript`.
+
+Images are raw so that a blkdebug ``sector`` is the guest offset: rules hit the
+copy-before-write of the guest-written regions only, never the job's own first copy.
+The source is filled with :data:`ORIGINAL`; the guest writes :data:`NEW` at
+:data:`GUEST_WRITES`.  ``sync=full`` jobs start with ``speed=1`` and 64 KiB chunks,
+so they copy one chunk and wait: the guest writes deterministically hit uncopied
+data; ``block-job-set-speed 0`` releases the job.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .blkdebug import BlkdebugRules, InjectError
+from .errors import CommandFailed
+from .images import Images
+from .machine import Machine, QemuIoResult
+from .transcript import Transcript, path_filter
+
+KiB = 1024
+MiB = 1024 * KiB
+IMAGE_SIZE = 4 * MiB
+CHUNK = 64 * KiB
+ORIGINAL = 0xAA
+NEW = 0x55
+GUEST_WRITES: tuple[int, ...] = (1 * MiB, 2 * MiB)
+UNTOUCHED: tuple[int, ...] = (0, 3 * MiB)
+DEVICE = "disk0"
+JOB = "job0"
+
+# The option values under test; None means the option is left out (the default).
+ON_CBW_ERROR_VALUES: tuple[str | None, ...] = (None, "break-guest-write", "break-snapshot")
+POLICIES: tuple[str, ...] = ("report", "stop", "ignore", "enospc")
+
+
+def value_id(value: str | None) -> str:
+    return value or "omitted"
+
+
+class Layout(str, Enum):
+    """Where the copy-before-write filter comes from, and who reads the snapshot."""
+
+    BACKUP_SYNC_NONE = "backup-sync-none"        # blockdev-backup sync=none + filter-node-name
+    BACKUP_SYNC_FULL = "backup-sync-full"        # blockdev-backup sync=full while the guest writes
+    FLEECING = "fleecing"                        # copy-before-write + snapshot-access, read by qemu-io
+    PUSH_FROM_SNAPSHOT = "push-from-snapshot"    # fleecing + blockdev-backup from snapshot-access
+
+    @property
+    def uses_backup_on_cbw_error(self) -> bool:
+        """Does ``on-cbw-error`` go to ``blockdev-backup`` (else to the CBW node)?"""
+        return self in (Layout.BACKUP_SYNC_NONE, Layout.BACKUP_SYNC_FULL)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A blkdebug fault in the copy-before-write path.
+
+    ``site``: ``target-write`` (the copy's write to the target), ``source-read``
+    (the copy's read of the old data), ``both``, or ``none`` (the control run).
+    ``once``: only the first guest write's copy fails; otherwise every copy of
+    the guest-written regions fails, so the job's own copy of them fails too.
+    """
+
+    site: str = "none"
+    once: bool = True
+    errno: int = errno_mod.EIO
+
+    def __post_init__(self) -> None:
+        if self.site not in ("none", "target-write", "source-read", "both"):
+            raise ValueError(f"unknown fault site {self.site!r}")
+
+    @property
+    def name(self) -> str:
+        if self.site == "none":
+            return "no-fault"
+        return (f"{self.site}-{'once' if self.once else 'always'}-"
+                f"{errno_mod.errorcode.get(self.errno, self.errno)}")
+
+    @property
+    def injects(self) -> bool:
+        return self.site != "none"
+
+    def _rules(self, event: str, iotype: str) -> BlkdebugRules:
+        # iotype: an armed rule would otherwise fail any I/O on the node (the guest's
+        # own write to the source, a flush), not only the copy-before-write's.
+        offsets = GUEST_WRITES[:1] if self.once else GUEST_WRITES
+        return BlkdebugRules([InjectError(event, iotype=iotype, errno=self.errno,
+                                          sector=off // 512, once=self.once)
+                              for off in offsets])
+
+    def source_rules(self) -> BlkdebugRules | None:
+        if self.site not in ("source-read", "both"):
+            return None
+        return self._rules("read_aio", "read")
+
+    def target_rules(self) -> BlkdebugRules | None:
+        if self.site not in ("target-write", "both"):
+            return None
+        return self._rules("write_aio", "write")
+
+    def failing_writes(self) -> tuple[int, ...]:
+        """Guest write offsets whose copy-before-write meets the fault."""
+        if not self.injects:
+            return ()
+        return GUEST_WRITES[:1] if self.once else GUEST_WRITES
+
+
+NO_FAULT = Fault()
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended, as QMP said it."""
+
+    end: str                          # completed | failed | cancelled | running | absent
+    error: str | None = None          # BLOCK_JOB_COMPLETED's error text
+    errors: list[dict[str, Any]] = field(default_factory=list)   # BLOCK_JOB_ERROR data
+    paused_on_error: bool = False     # the job paused after an error (stop / enospc)
+    paused_again_after_resume: bool = False
+    statuses: list[str] = field(default_factory=list)            # JOB_STATUS_CHANGE, drained
+
+    @property
+    def error_actions(self) -> list[tuple[str, str]]:
+        return [(e["operation"], e["action"]) for e in self.errors]
+
+    def describe(self) -> str:
+        text = self.end + (f" ({self.error})" if self.error else "")
+        if self.errors:
+            text += f"; BLOCK_JOB_ERROR {self.errors[0]['operation']}/{self.errors[0]['action']}"
+        if self.paused_on_error:
+            text += "; paused" + (", again after resume" if self.paused_again_after_resume
+                                  else "")
+        return text
+
+
+@dataclass
+class Observation:
+    """What one scenario run saw."""
+
+    layout: Layout
+    on_cbw_error: str | None
+    fault: Fault
+    guest_writes: dict[int, QemuIoResult] = field(default_factory=dict)
+    snapshot_reads: dict[int, QemuIoResult] = field(default_factory=dict)
+    job: JobOutcome | None = None
+    source_holds_new: dict[int, bool] = field(default_factory=dict)
+    source_holds_original: dict[int, bool] = field(default_factory=dict)
+    backup_is_point_in_time: bool | None = None
+    backup_holds_original: dict[int, bool] = field(default_factory=dict)
+
+    @property
+    def failed_writes(self) -> list[int]:
+        return [off for off, r in self.guest_writes.items() if not r.ok]
+
+    @property
+    def write_errors(self) -> set[str]:
+        return {r.error for r in self.guest_writes.values() if r.error}
+
+    def summary(self) -> dict[str, str]:
+        """One row of the run's summary table."""
+        failed = self.failed_writes
+        guest = ("all ok" if not failed else
+                 f"{len(failed)}/{len(self.guest_writes)} failed: {sorted(self.write_errors)[0]}")
+        if self.backup_is_point_in_time is not None:
+            data = "backup point-in-time" if self.backup_is_point_in_time else \
+                "backup NOT point-in-time"
+        elif self.snapshot_reads:
+            bad = [r for r in self.snapshot_reads.values() if not r.ok]
+            data = ("snapshot reads ok" if not bad else
+                    f"snapshot reads fail: {bad[0].error}")
+        elif self.backup_holds_original:
+            copied = [o for o, v in self.backup_holds_original.items() if v]
+            data = f"target has old data at {len(copied)}/{len(self.backup_holds_original)}"
+        else:
+            data = ""
+        return {"scenario": f"{self.layout.value} / {self.fault.name}",
+                "on_cbw_error": value_id(self.on_cbw_error), "guest_write": guest,
+                "job": self.job.describe() if self.job else "-", "data": data}
+
+
+class Scenario:
+    """One layout on one machine: set up, write as the guest, drive the job, observe."""
+
+    def __init__(self, launch_vm: Callable[..., Machine], images: Images, *,
+                 layout: Layout, on_cbw_error: str | None = None, fault: Fault = NO_FAULT,
+                 on_source_error: str | None = None, on_target_error: str | None = None,
+                 cbw_timeout: int | None = None, transcript: Transcript | None = None,
+                 command_timeout: float | None = None):
+        self.launch_vm = launch_vm
+        self.images = images
+        self.layout = layout
+        self.on_cbw_error = on_cbw_error
+        self.fault = fault
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.cbw_timeout = cbw_timeout
+        self.command_timeout = command_timeout
+        self.transcript = transcript or Transcript()
+        self.transcript.add_filter(path_filter(images.folder))
+        self.obs = Observation(layout, on_cbw_error, fault)
+        self.vm: Machine | None = None
+        self._logged_errors: list[dict[str, Any]] = []
+        self._error_pauses: list[dict[str, Any]] = []  # JOB_STATUS_CHANGE paused after errors
+        self.source = images.path("source.raw")
+        self.original = images.path("original.raw")
+        self.target = images.path("target.raw")
+        self.backup = images.path("backup.raw")
+
+    # ------------------------------------------------------------- set-up
+    def _images(self) -> None:
+        for path in (self.source, self.original):
+            self.images.create(path.name, IMAGE_SIZE, "raw")
+            self.images.write(path, ORIGINAL, 0, IMAGE_SIZE, "raw")
+        self.images.create(self.target.name, IMAGE_SIZE, "raw")
+        if self.layout is Layout.PUSH_FROM_SNAPSHOT:
+            self.images.create(self.backup.name, IMAGE_SIZE, "raw")
+
+    @staticmethod
+    def _raw_node(name: str, path: Path, rules: BlkdebugRules | None) -> dict[str, Any]:
+        debug: dict[str, Any] = {"driver": "blkdebug",
+                                 "image": {"driver": "file", "filename": str(path)}}
+        if rules is not None:
+            debug.update(rules.to_qmp())
+        return {"driver": "raw", "node-name": name, "file": debug}
+
+    def start(self) -> Machine:
+        """Create images, launch QEMU with source and target, set up the layout."""
+        self._images()
+        fleecing = self.layout in (Layout.FLEECING, Layout.PUSH_FROM_SNAPSHOT)
+        nodes = [self._raw_node("source", self.source, self.fault.source_rules()),
+                 self._raw_node("target", self.target, self.fault.target_rules())]
+        if self.layout is Layout.PUSH_FROM_SNAPSHOT:
+            nodes.append(self._raw_node("backup", self.backup, None))
+        args: list[str] = ["-device", "virtio-scsi,id=scsi"]
+        for node in nodes:
+            args += ["-blockdev", json.dumps(node)]
+        if not fleecing:
+            args += ["-device", f"scsi-hd,drive=source,id={DEVICE}"]
+        kwargs = {"command_timeout": self.command_timeout} if self.command_timeout else {}
+        self.vm = self.launch_vm(args, name="vm", **kwargs)
+        self.transcript.log(f"=== {self.layout.value}, on-cbw-error="
+                            f"{value_id(self.on_cbw_error)}, fault {self.fault.name} ===")
+        if fleecing:
+            cbw: dict[str, Any] = {"driver": "copy-before-write", "node-name": "cbw",
+                                   "file": "source", "target": "target"}
+            if self.on_cbw_error is not None:
+                cbw["on-cbw-error"] = self.on_cbw_error
+            if self.cbw_timeout is not None:
+                cbw["cbw-timeout"] = self.cbw_timeout
+            self.qmp("blockdev-add", cbw)
+            self.qmp("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
+                                      "file": "cbw"})
+            self.qmp("device_add", {"driver": "scsi-hd", "drive": "cbw", "id": DEVICE})
+        if self.layout is not Layout.FLEECING:
+            self.start_backup()
+        return self.vm
+
+    def backup_args(self) -> dict[str, Any]:
+        if self.layout is Layout.PUSH_FROM_SNAPSHOT:
+            args: dict[str, Any] = {"job-id": JOB, "device": "snapshot", "target": "backup",
+                                    "sync": "full"}
+        else:
+            args = {"job-id": JOB, "device": "source", "target": "target",
+                    "sync": "none" if self.layout is Layout.BACKUP_SYNC_NONE else "full"}
+            if self.layout is Layout.BACKUP_SYNC_NONE:
+                args["filter-node-name"] = "backup-filter"
+            if self.on_cbw_error is not None:
+                args["on-cbw-error"] = self.on_cbw_error
+        if args["sync"] == "full":
+            args.update({"speed": 1, "x-perf": {"max-chunk": CHUNK}})  # the brake
+        for key, value in (("on-source-error", self.on_source_error),
+                           ("on-target-error", self.on_target_error)):
+            if value is not None:
+                args[key] = value
+        return args
+
+    def start_backup(self) -> None:
+        self.qmp("blockdev-backup", self.backup_args())
+
+    # -------------------------------------------------------------- steps
+    def qmp(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        assert self.vm is not None
+        try:
+            reply = self.vm.qmp(command, args)
+        except CommandFailed as exc:
+            self.transcript.qmp(command, args, {"error": {"class": exc.error_class,
+                                                          "desc": exc.desc}})
+            raise
+        self.transcript.qmp(command, args, reply)
+        return reply
+
+    def wait(self, name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        assert self.vm is not None
+        event = self.vm.wait_event(name, data)
+        self.transcript.event(event)
+        return event
+
+    def guest_write(self, offset: int, length: int = CHUNK, pattern: int = NEW) -> QemuIoResult:
+        assert self.vm is not None
+        result = self.vm.qemu_io(DEVICE, f"write -P {pattern:#x} {offset} {length}")
+        self.transcript.log(f"guest write {pattern:#x} at {offset}+{length}: {result.output}")
+        self.obs.guest_writes[offset] = result
+        return result
+
+    def guest_writes(self) -> None:
+        for offset in GUEST_WRITES:
+            self.guest_write(offset)
+
+    def read_snapshot(self, offset: int, pattern: int = ORIGINAL) -> QemuIoResult:
+        assert self.vm is not None
+        result = self.vm.qemu_io("snapshot", f"read -P {pattern:#x} {offset} {CHUNK}",
+                                 device=False)
+        self.transcript.log(f"snapshot read at {offset}: {result.output}")
+        self.obs.snapshot_reads[offset] = result
+        return result
+
+    def release_brake(self) -> None:
+        self.qmp("block-job-set-speed", {"device": JOB, "speed": 0})
+
+    def finish_job(self, *, ignore_errors_before_cancel: int = 3) -> JobOutcome:
+        """Let the job run to its end, following its error policy; bounded throughout.
+
+        sync=none never ends by itself: it is cancelled.  After an error the job is
+        driven as a user would: ``stop`` -> resume once (it must pause again while
+        the fault persists) -> cancel; ``ignore`` -> a few retries -> cancel.
+        """
+        assert self.vm is not None
+        outcome = JobOutcome(end="running")
+        if self.layout is Layout.BACKUP_SYNC_NONE:
+            self._cancel(outcome)
+        else:
+            self.release_brake()
+            self._follow(outcome, ignore_errors_before_cancel)
+        self.vm.wait_job_status(JOB, "null")  # auto-dismissed: the stream is complete
+        outcome.statuses = self._statuses()
+        outcome.errors = [e["data"] for e in self.vm.events_named("BLOCK_JOB_ERROR",
+                                                                  {"device": JOB})]
+        self.obs.job = outcome
+        self.transcript.log(f"job: {outcome.describe()}; statuses {outcome.statuses}")
+        return outcome
+
+    _ENDS = (("BLOCK_JOB_COMPLETED", {"device": JOB}), ("BLOCK_JOB_CANCELLED", {"device": JOB}),
+             ("BLOCK_JOB_ERROR", {"device": JOB}))
+
+    def _next_job_event(self) -> dict[str, Any]:
+        assert self.vm is not None
+        event = self.vm.wait_any_event(self._ENDS)
+        if event["event"] != "BLOCK_JOB_ERROR" or event["data"] not in self._logged_errors:
+            self.transcript.event(event)  # repeats of an ignored error are left out
+            if event["event"] == "BLOCK_JOB_ERROR":
+                self._logged_errors.append(event["data"])
+        return event
+
+    def _follow(self, outcome: JobOutcome, ignores: int) -> None:
+        assert self.vm is not None
+        resumed = False
+        errors_seen = 0
+        while True:
+            event = self._next_job_event()
+            if event["event"] == "BLOCK_JOB_ERROR":
+                errors_seen += 1
+                action = event["data"]["action"]
+                if action == "stop":
+                    self._error_pauses.append(self.vm.wait_job_status(JOB, "paused",
+                                                                      after=event))
+                    if resumed:
+                        outcome.paused_again_after_resume = True
+                        self._cancel(outcome)
+                        return
+                    outcome.paused_on_error = resumed = True
+                    self.qmp("block-job-resume", {"device": JOB})
+                elif action == "ignore" and errors_seen >= ignores:
+                    self._cancel(outcome)
+                    return
+                continue
+            self._ended(outcome, event)
+            return
+
+    def _cancel(self, outcome: JobOutcome) -> None:
+        assert self.vm is not None
+        self.qmp("block-job-cancel", {"device": JOB, "force": True})
+        # An ignoring job may have queued thousands of BLOCK_JOB_ERRORs: skip to the end.
+        event = self.vm.wait_any_event(self._ENDS[:2])
+        self.transcript.event(event)
+        self._ended(outcome, event)
+
+    @staticmethod
+    def _ended(outcome: JobOutcome, event: Mapping[str, Any]) -> None:
+        outcome.error = event["data"].get("error")
+        if event["event"] == "BLOCK_JOB_CANCELLED":
+            outcome.end = "cancelled"
+        else:
+            outcome.end = "failed" if outcome.error else "completed"
+
+    def _statuses(self) -> list[str]:
+        """The job's status changes, less the paused/running pairs of drains.
+
+        Graph changes, HMP qemu-io and cancelling all drain I/O, which pauses a running
+        job for a moment, at times that depend on scheduling.  Only the pauses that
+        followed a BLOCK_JOB_ERROR with action stop are kept.
+        """
+        assert self.vm is not None
+        out: list[dict[str, Any]] = []
+        for e in self.vm.events_named("JOB_STATUS_CHANGE", {"id": JOB}):
+            if e["data"]["status"] == "running" and out and \
+                    out[-1]["data"]["status"] == "paused" and \
+                    not any(out[-1] is p for p in self._error_pauses):
+                out.pop()
+                continue
+            out.append(e)
+        return [e["data"]["status"] for e in out]
+
+    # ------------------------------------------------------------ verdicts
+    def stop(self) -> None:
+        """Shut QEMU down so the images can be read offline."""
+        if self.vm is not None:
+            self.vm.shutdown()
+
+    def check_data(self) -> Observation:
+        """Read the images (QEMU stopped) and fill in the data verdicts."""
+        self.stop()
+        im, obs = self.images, self.obs
+        for off in GUEST_WRITES + UNTOUCHED:
+            obs.source_holds_new[off] = im.holds(self.source, NEW, off, CHUNK, "raw")
+            obs.source_holds_original[off] = im.holds(self.source, ORIGINAL, off, CHUNK, "raw")
+        if self.layout is Layout.BACKUP_SYNC_FULL:
+            obs.backup_is_point_in_time = im.identical(self.target, self.original, "raw", "raw")
+        elif self.layout is Layout.PUSH_FROM_SNAPSHOT and self.obs.job is not None:
+            obs.backup_is_point_in_time = im.identical(self.backup, self.original, "raw", "raw")
+        elif self.layout is Layout.BACKUP_SYNC_NONE:
+            for off in GUEST_WRITES:
+                obs.backup_holds_original[off] = im.holds(self.target, ORIGINAL, off, CHUNK,
+                                                          "raw")
+        changed = [str(o) for o, v in obs.source_holds_new.items() if v]
+        self.transcript.log(f"source holds new data at: {', '.join(changed) or 'nowhere'}")
+        if obs.backup_is_point_in_time is not None:
+            self.transcript.log(f"backup is point-in-time: {obs.backup_is_point_in_time}")
+        if obs.backup_holds_original:
+            self.transcript.log(f"target holds old data: {obs.backup_holds_original}")
+        return obs
+
+
+def run(scenario: Scenario, *, read_snapshot: bool = True) -> Observation:
+    """The standard story: start, two guest writes, snapshot reads, job to its end, data."""
+    scenario.start()
+    scenario.guest_writes()
+    if read_snapshot and scenario.layout in (Layout.FLEECING, Layout.PUSH_FROM_SNAPSHOT):
+        for off in GUEST_WRITES + UNTOUCHED:
+            scenario.read_snapshot(off)
+    if scenario.layout is not Layout.FLEECING:
+        scenario.finish_job()
+    return scenario.check_data()
+
+
+def failing_offsets(fault: Fault) -> Sequence[int]:
+    return fault.failing_writes()

@@ -1,0 +1,29 @@
+"""Fixtures of the copy-before-write suite."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from harness.cbw import Observation, Scenario
+
+
+@pytest.fixture
+def scenario(launch_vm, images, transcript, summary_row, check_transcript
+             ) -> Iterator[Callable[..., Scenario]]:
+    """Factory: ``scenario(layout=..., on_cbw_error=..., fault=...)``.
+
+    The scenario's observation becomes a row of the run's summary table.
+    """
+    made: list[Scenario] = []
+
+    def make(**kwargs: Any) -> Scenario:
+        s = Scenario(launch_vm, images, transcript=transcript, **kwargs)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        if s.obs.guest_writes or s.obs.job:
+            summary_row(**s.obs.summary())
