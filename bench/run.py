@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Benchmarks: what QEMU costs, and what the harness adds on top.
+
+    python bench/run.py [--repeat N] [--only NAME ...] [--qemu-release R | --qemu-prog P]
+
+Measures, in one run, each as median / min / max of N repeats:
+  qemu-bare        QEMU start + QMP handshake + quit, plain qemu.qmp, no harness
+  harness-machine  the same through harness.machine.Machine (log, pidfd, teardown)
+  pytest-per-test  wall time per test of a pytest run of trivial launch_vm tests,
+                   minus pytest's own start-up, i.e. the harness's per-test cost
+  scenario:<name>  one copy-before-write scenario, images to verdicts
+  guest-boot       a tiny Linux guest from launch to its ready line and power-off
+Results go to stdout as a table and to bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness import builds  # noqa: E402
+from harness.machine import Machine, supports_monitor_object  # noqa: E402
+
+
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def qemu_bare(build: builds.QemuBuild) -> None:
+    """QEMU + QMP with no harness: the floor every test pays."""
+    from qemu.qmp import QMPClient
+
+    ours, theirs = socket.socketpair()
+    monitor = (["-object", "monitor-qmp,id=m,chardev=qmp"]
+               if supports_monitor_object(str(build.qemu_system))
+               else ["-mon", "chardev=qmp,mode=control"])
+    proc = subprocess.Popen([str(build.qemu_system), "-nodefaults", "-display", "none",
+                             "-machine", "pc", "-accel", "tcg", "-chardev",
+                             f"socket,id=qmp,fd={theirs.fileno()}", *monitor],
+                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+
+    async def talk() -> None:
+        client = QMPClient("bench")
+        await client.connect(ours)
+        await client.execute("query-status")
+        await client.execute("quit")
+        try:
+            await client.disconnect()
+        except EOFError:
+            pass
+    try:
+        asyncio.run(talk())
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def harness_machine(build: builds.QemuBuild, folder: Path) -> None:
+    with Machine(build, folder) as vm:
+        vm.qmp("query-status")
+
+
+def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
+    """(seconds per test with QEMU, seconds per test without) in one pytest process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = textwrap.dedent(f"""
+            import pytest
+            @pytest.mark.parametrize("i", range({tests}))
+            def test_vm(launch_vm, i):
+                assert launch_vm().qmp("query-status")["running"]
+            @pytest.mark.parametrize("i", range({tests}))
+            def test_empty(i):
+                assert i >= 0
+        """)
+        Path(tmp, "test_bench.py").write_text(source)
+        env = {**os.environ, **build.as_env()}
+        per = {}
+        for k in ("test_vm", "test_empty"):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "harness.plugin",
+                            "-p", "no:cacheprovider", "--rootdir", tmp, "-k", k,
+                            str(Path(tmp, "test_bench.py"))], cwd=tmp, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            per[k] = (time.perf_counter() - t) / tests
+        return per["test_vm"], per["test_empty"]
+
+
+def scenario_runner(build: builds.QemuBuild, folder: Path, name: str) -> Callable[[], None]:
+    from harness import cbw
+    from harness.images import Images
+
+    layout = cbw.Layout(name)
+
+    def once() -> None:
+        started: list[Machine] = []
+
+        def launch(args, *, name="vm", **kw):  # type: ignore[no-untyped-def]
+            vm = Machine(build, folder, name=name, args=args, **kw)
+            started.append(vm)
+            return vm.launch()
+        try:
+            cbw.run(cbw.Scenario(launch, Images(build, folder), layout=layout,
+                                 on_cbw_error="break-guest-write",
+                                 fault=cbw.Fault("target-write", once=True)))
+        finally:
+            for vm in started:
+                vm.shutdown()
+    return once
+
+
+def guest_boot(build: builds.QemuBuild, folder: Path) -> Callable[[], None] | None:
+    try:
+        from harness.guest import bench_boot  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        return None
+    return lambda: bench_boot(build, folder)
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"median_ms": round(statistics.median(samples) * 1000, 1),
+            "min_ms": round(min(samples) * 1000, 1), "max_ms": round(max(samples) * 1000, 1),
+            "n": len(samples)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--only", nargs="*", default=None, help="names (prefix match) to run")
+    ap.add_argument("--qemu-release", default=None)
+    ap.add_argument("--qemu-prog", default=None)
+    args = ap.parse_args()
+    build = builds.select(qemu_prog=args.qemu_prog, release=args.qemu_release)
+    want = lambda name: args.only is None or any(name.startswith(o) for o in args.only)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="cbw-bench-") as tmp:
+        folder = Path(tmp)
+        if want("qemu-bare"):
+            results["qemu-bare"] = stats(timed(lambda: qemu_bare(build), args.repeat))
+        if want("harness-machine"):
+            results["harness-machine"] = stats(
+                timed(lambda: harness_machine(build, folder), args.repeat))
+        if want("pytest-per-test"):
+            with_vm, empty = pytest_per_test(build, args.repeat * 2)
+            results["pytest-per-test"] = {"median_ms": round(with_vm * 1000, 1),
+                                          "pytest_alone_ms": round(empty * 1000, 1),
+                                          "n": args.repeat * 2}
+        from harness.cbw import Layout
+        for layout in Layout:
+            name = f"scenario:{layout.value}"
+            if want(name):
+                run = scenario_runner(build, folder, layout.value)
+                results[name] = stats(timed(run, max(3, args.repeat // 3)))
+        boot = guest_boot(build, folder) if want("guest-boot") else None
+        if boot is not None:
+            results["guest-boot"] = stats(timed(boot, max(3, args.repeat // 5)))
+    width = max(len(k) for k in results)
+    print(f"QEMU {build.qemu_system}")
+    for name, r in results.items():
+        extra = ", ".join(f"{k}={v}" for k, v in r.items() if k != "median_ms")
+        print(f"{name:<{width}}  median {r['median_ms']:8.1f} ms  ({extra})")
+    if "qemu-bare" in results and "harness-machine" in results:
+        overhead = results["harness-machine"]["median_ms"] - results["qemu-bare"]["median_ms"]
+        print(f"harness overhead per machine: {overhead:+.1f} ms over bare QEMU")
+    if "qemu-bare" in results and "pytest-per-test" in results:
+        p = results["pytest-per-test"]
+        fixture_cost = p["median_ms"] - p["pytest_alone_ms"] - results["qemu-bare"]["median_ms"]
+        print(f"harness overhead per pytest test (folder, fixtures, teardown): "
+              f"{fixture_cost:+.1f} ms over bare QEMU")
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
