@@ -87,6 +87,7 @@ def pytest_configure(config: pytest.Config) -> None:
         probe.save(info, run_dir / "probe.json")
         _reset_artifacts(Path(config.getoption("artifacts")))
     config.stash[_summary_key] = []
+    config.stash[_outcomes_key] = {}
 
 
 _build_info_key = pytest.StashKey[probe.BuildInfo]()
@@ -257,14 +258,27 @@ def _failure_context(item: pytest.Item, workdir: Path) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Collect summary rows that tests attached (works across xdist workers)."""
-    if report.when != "call":
+    """Collect summary rows that tests attached (works across xdist workers).
+
+    Rows may be added by fixtures at teardown: read them from the teardown report,
+    with the outcome of the call.
+    """
+    if _config is None:
+        return
+    outcomes = _config.stash[_outcomes_key]
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        wasxfail = hasattr(report, "wasxfail")
+        outcomes[report.nodeid] = ("xfailed" if wasxfail and report.skipped else
+                                   "xpassed" if wasxfail else report.outcome)
+    if report.when != "teardown":
         return
     for key, value in report.user_properties:
-        if key == "cbw-summary" and _config is not None:
-            _config.stash[_summary_key].append(dict(value, outcome=report.outcome))
+        if key == "cbw-summary":
+            _config.stash[_summary_key].append(
+                dict(value, outcome=outcomes.get(report.nodeid, "?"), test=report.nodeid))
 
 
+_outcomes_key = pytest.StashKey[dict[str, str]]()
 _config: pytest.Config | None = None
 
 

@@ -26,4 +26,8 @@ def scenario(launch_vm, images, transcript, summary_row, check_transcript
     yield make
     for s in made:
         if s.obs.guest_writes or s.obs.job:
-            summary_row(**s.obs.summary())
+            row = s.obs.summary()
+            policies = {s.on_source_error, s.on_target_error} - {None}
+            if policies:
+                row["scenario"] += f" / job policy {'+'.join(sorted(policies))}"
+            summary_row(**row)
