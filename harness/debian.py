@@ -35,32 +35,50 @@ class Suite:
     target: str
 
 
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
 def host_mirror() -> str:
-    """The Debian mirror URI the host's own apt configuration uses."""
+    """The Debian mirror: ``$CBW_DEBIAN_MIRROR``, else the host's own apt configuration's."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise ProvisionError(
             "not a Debian-family host (no apt-get/dpkg-deb): "
             "pass --qemu-build or set QEMU_PROG to use your own QEMU")
+    if not KEYRING.exists():
+        raise ProvisionError(
+            f"{KEYRING} is missing, so Debian's archive cannot be verified: "
+            "apt-get install debian-archive-keyring (or pass --qemu-build / QEMU_PROG)")
+    if os.environ.get("CBW_DEBIAN_MIRROR"):
+        return os.environ["CBW_DEBIAN_MIRROR"].rstrip("/")
+    deb822 = [p.read_text(errors="replace") for p in sorted(APT_SOURCES_DIR.glob("*.sources"))]
+    one_line = [p.read_text(errors="replace") for p in
+                [APT_SOURCES, *sorted(APT_SOURCES_DIR.glob("*.list"))] if p.exists()]
+    mirror = mirror_in(deb822, one_line)
+    if mirror:
+        return mirror
+    raise ProvisionError(
+        "no Debian mirror in /etc/apt/sources.list{,.d} (not a Debian host?): set "
+        "CBW_DEBIAN_MIRROR to a Debian mirror URI, or pass --qemu-build / set QEMU_PROG")
+
+
+def mirror_in(deb822_files: list[str], one_line_files: list[str]) -> str | None:
+    """The first Debian archive mirror named by apt sources (both formats), if any."""
     uris: list[str] = []
-    for path in sorted(APT_SOURCES_DIR.glob("*.sources")):
-        text = path.read_text(errors="replace")
+    for text in deb822_files:
         for stanza in re.split(r"\n\s*\n", text):
             fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
             if "deb" in fields.get("Types", "").split() and \
                     fields.get("Enabled", "yes").lower() != "no":
                 uris += fields.get("URIs", "").split()
-    for path in [APT_SOURCES, *sorted(APT_SOURCES_DIR.glob("*.list"))]:
-        if path.exists():
-            for line in path.read_text(errors="replace").splitlines():
-                m = re.match(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line)
-                if m:
-                    uris.append(m.group(1))
+    for text in one_line_files:
+        for line in text.splitlines():
+            m = re.match(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line)
+            if m:
+                uris.append(m.group(1))
     for uri in uris:
         if uri.rstrip("/").endswith("/debian") and not _NOT_A_MAIN_MIRROR.search(uri):
             return uri.rstrip("/")
-    raise ProvisionError(
-        "no Debian mirror found in /etc/apt/sources.list{,.d}: add one, "
-        "or pass --qemu-build / set QEMU_PROG to use your own QEMU")
+    return None
 
 
 class PrivateApt:
@@ -97,9 +115,8 @@ class PrivateApt:
                     "cache", "archives/partial"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "state/status").touch()
-        keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
         (self.root / "sources.list").write_text("".join(
-            f"deb [signed-by={keyring}] {self.mirror} {suite} main\n" for suite in self.suites))
+            f"deb [signed-by={KEYRING}] {self.mirror} {suite} main\n" for suite in self.suites))
 
     def _run(self, args: list[str], what: str, progress: bool = False) -> str:
         cmd = ["apt-get", *self._options(), *args]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 Filter = Callable[[str], str]
 
-_QEMU_IO_RATE = re.compile(r"^\d+(\.\d+)? [KMGT]?i?B, \d+ ops; .*$", re.M)
+_QEMU_IO_RATE = re.compile(r"^\d+(\.\d+)? (?:bytes|[KMGTPE]iB), \d+ ops; .*$", re.M)
 _TIMESTAMP = re.compile(r'"timestamp": \{[^}]*\}, ')
 
 
