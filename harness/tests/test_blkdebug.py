@@ -11,7 +11,7 @@ import errno
 import os
 import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -304,18 +304,16 @@ def test_model_errors(make: Callable[[], object], expected: str) -> None:
     assert expected in one_line_error(e)
 
 
-# --- against a real QEMU (opt-in) -----------------------------------------------------
+# --- against the build under test ---------------------------------------------------
 
-@pytest.mark.skipif(not os.environ.get("QEMU_IO"),
-                    reason="set QEMU_IO to a qemu-io binary to check configs/ with QEMU")
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
-def test_qemu_accepts_config(path: Path, tmp_path: Path) -> None:
+def test_qemu_accepts_config(path: Path, tmp_path: Path, qemu_build: Any) -> None:
     image = tmp_path / "img.raw"
     image.write_bytes(b"\xaa" * 65536)
     spec = ('json:{"driver": "raw", "file": {"driver": "blkdebug", "config": "%s", '
             '"image": {"driver": "file", "filename": "%s"}}}' % (path, image))
     op = "write 0 4k" if "write" in path.name else "read 0 4k"
-    out = subprocess.run([os.environ["QEMU_IO"], "-c", op, "-c", op, spec],
+    out = subprocess.run([str(qemu_build.qemu_io), "-c", op, "-c", op, spec],
                          capture_output=True, text=True, timeout=60)
     failures = out.stdout.count("failed:") + out.stderr.count("failed:")
     assert "can't open" not in out.stderr, out.stderr
