@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import doctest
 import errno
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
