@@ -133,7 +133,7 @@ class Machine:
     def __init__(self, build: QemuBuild, workdir: Path, *, name: str = "vm",
                  args: Sequence[str] = (), machine_type: str = "pc", accel: str = "tcg",
                  command_timeout: float = COMMAND_TIMEOUT, event_timeout: float = EVENT_TIMEOUT,
-                 launch_timeout: float = LAUNCH_TIMEOUT):
+                 launch_timeout: float = LAUNCH_TIMEOUT, console: bool = False):
         self.build = build
         self.name = name
         self.workdir = Path(workdir)
@@ -157,6 +157,11 @@ class Machine:
         self._killed_by_harness = False
         self.cmdline: list[str] = []
         self.conversation: Conversation | None = None
+        self.console_enabled = console
+        self._console_sock: socket.socket | None = None
+        self._console_buf = bytearray()
+        self._console_log: Any = None
+        self._console_changed: asyncio.Event | None = None
         self.exitcode: int | None = None
 
     # ----------------------------------------------------------------- paths
@@ -171,6 +176,10 @@ class Machine:
     @property
     def qmp_log_path(self) -> Path:
         return self.workdir / f"{self.name}.qmp.log"
+
+    @property
+    def console_path(self) -> Path:
+        return self.workdir / f"{self.name}.console.log"
 
     @property
     def reproducer_path(self) -> Path:
@@ -202,8 +211,17 @@ class Machine:
             raise RuntimeError("launch() called twice")
         self.workdir.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno()]
+        console_theirs = None
+        if self.console_enabled:
+            # The guest's serial line, over a socketpair too: bidirectional, no path.
+            self._console_sock, console_theirs = socket.socketpair()
+            fds.append(console_theirs.fileno())
         try:
             self.cmdline = self._base_args() + self._monitor_args(theirs.fileno()) + self._args
+            if console_theirs is not None:
+                self.cmdline += ["-chardev", f"socket,id=console,fd={console_theirs.fileno()}",
+                                 "-serial", "chardev:console"]
             self._write_reproducer()
             self.conversation = Conversation(self.qmp_log_path)
             self.conversation.note("launch: " + shlex.join(self.cmdline))
@@ -211,17 +229,24 @@ class Machine:
                 try:
                     self._proc = subprocess.Popen(
                         self.cmdline, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                        pass_fds=[theirs.fileno()], start_new_session=True,
+                        pass_fds=fds, start_new_session=True,
                         preexec_fn=_die_with_parent, cwd=self.workdir)
                 except OSError as exc:
                     raise LaunchFailure(f"cannot start {self.build.qemu_system}: {exc.strerror}",
                                         cmdline=self.cmdline) from None
         finally:
             theirs.close()
+            if console_theirs is not None:
+                console_theirs.close()
         self._loop = asyncio.new_event_loop()
         self._exited = self._loop.create_future()
         self._new_event = asyncio.Event()
         self._watch_exit()
+        if self._console_sock is not None:
+            self._console_changed = asyncio.Event()
+            self._console_log = open(self.console_path, "wb", buffering=0)
+            self._console_sock.setblocking(False)
+            self._loop.add_reader(self._console_sock.fileno(), self._on_console)
         self._client = _RecordingClient(self.name, self._on_message)
         try:
             self._run(self._client.connect(ours), self.launch_timeout, "the QMP greeting")
@@ -262,6 +287,8 @@ class Machine:
         args = [a for a in self.cmdline]
         i = args.index("-chardev")
         args[i + 1] = "socket,id=qmp,path=qmp.sock,server=on,wait=off"
+        args = ["stdio,id=console" if a.startswith("socket,id=console,fd=") else a
+                for a in args]
         quoted = " \\\n    ".join(_sh_quote_relocatable(a, str(self.workdir)) for a in args)
         self.reproducer_path.write_text(
             "#!/bin/sh\n"
@@ -399,6 +426,58 @@ class Machine:
             self.conversation.note(f"qemu-io {target} {command!r} -> {result.output!r}")
         return result
 
+    # -------------------------------------------------------------- console
+    def _on_console(self) -> None:
+        assert self._console_sock is not None
+        try:
+            data = self._console_sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # QEMU closed the line (it is exiting)
+            assert self._loop is not None
+            self._loop.remove_reader(self._console_sock.fileno())
+            return
+        self._console_buf += data
+        if self._console_log:
+            self._console_log.write(data)
+        if self._console_changed:
+            self._console_changed.set()
+
+    @property
+    def console_text(self) -> str:
+        """Everything the guest printed on its serial console so far."""
+        return self._console_buf.decode(errors="replace")
+
+    def wait_console(self, pattern: str | re.Pattern[str], *, timeout: float | None = None,
+                     start: int = 0) -> re.Match[str]:
+        """Wait until the console output (from offset ``start``) matches ``pattern``."""
+        if self._console_sock is None:
+            raise RuntimeError("wait_console() needs Machine(console=True)")
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+        async def scan() -> re.Match[str]:
+            assert self._console_changed is not None
+            while True:
+                m = regex.search(self.console_text, start)
+                if m:
+                    return m
+                self._console_changed.clear()
+                await self._console_changed.wait()
+        return self._run(scan(), timeout or self.event_timeout,
+                         f"console output matching {regex.pattern!r}", waiting=True)
+
+    def console_write(self, data: bytes) -> None:
+        """Send ``data`` to the guest's serial line."""
+        if self._console_sock is None:
+            raise RuntimeError("console_write() needs Machine(console=True)")
+        self._console_sock.setblocking(True)
+        try:
+            self._console_sock.sendall(data)
+        finally:
+            self._console_sock.setblocking(False)
+
     # --------------------------------------------------------------- events
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -524,6 +603,17 @@ class Machine:
                 loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
+        if self._console_sock is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._console_sock.fileno())
+            with contextlib.suppress(BlockingIOError, OSError):
+                while data := self._console_sock.recv(65536):  # what is left in the socket
+                    self._console_buf += data
+                    if self._console_log:
+                        self._console_log.write(data)
+            self._console_sock.close()
+        if self._console_log:
+            self._console_log.close()
         for task in asyncio.all_tasks(loop):
             task.cancel()
         with contextlib.suppress(BaseException):

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kernel:
             from .guest import kernel
             print(f"guest kernel: {kernel.provision_kernel().vmlinuz}")
+            print(f"guest busybox: {kernel.busybox_static()}")
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,27 @@
+"""A tiny Linux guest (Debian kernel + busybox initramfs) that runs a plan of block I/O.
+
+The host describes the I/O as a list of operations (:mod:`.console`), which travel on
+the kernel command line; the guest's init runs them and prints one machine-readable
+line per operation on the serial console, which :func:`.console.parse_console` turns
+back into typed results.  Typical use::
+
+    kernel, busybox = provision_kernel(), busybox_static()
+    initrd = build_initramfs(kernel, busybox, DISK_MODULES["virtio-blk"])
+    devices, guest_dev = disk_args("virtio-blk", "node0")
+    ops = [Write(guest_dev, 0, 65536, 0x55), Read(guest_dev, 0, 65536)]
+    argv = [..., *qemu_guest_args(kernel, initrd, guest_cmdline(ops)), *devices]
+    report = parse_console(serial_output).check()
+"""
+
+from .console import (GATE_REPLY, Gate, GuestError, GuestOp, GuestReport, KernelMessage, Op, Read,
+                      Sleep, Write, disk_args, format_ops, guest_cmdline, parse_console, parse_ops,
+                      pattern_md5, qemu_guest_args)
+from .initramfs import DISK_MODULES, build_initramfs
+from .kernel import GuestKernel, busybox_static, provision_kernel
+
+__all__ = [
+    "DISK_MODULES", "GATE_REPLY", "Gate", "GuestError", "GuestKernel", "GuestOp", "GuestReport",
+    "KernelMessage", "Op", "Read", "Sleep", "Write", "build_initramfs", "busybox_static",
+    "disk_args", "format_ops", "guest_cmdline", "parse_console", "parse_ops", "pattern_md5",
+    "provision_kernel", "qemu_guest_args",
+]
