@@ -1,0 +1,332 @@
+"""copy-before-write ``cbw-timeout``: a fleecing layout whose copies are slowed by a throttle.
+
+Layout (all built over QMP, so the transcript shows it)::
+
+    scsi-hd disk0 --> copy-before-write "cbw" --file--> raw "source"
+                            |  \\--target--> throttle "throttled-target" (group tg0)
+                            |                    --file--> raw "target"
+                      snapshot-access "snapshot" (read with qemu-io)
+
+A guest write first copies the old data of the region to the target.  The target
+write is throttled (``throttle-group`` ``tg0``, ``bps-write``), so the copy takes a
+time that follows from its size; ``cbw-timeout`` either fires or not.
+
+How long a copy takes, deterministically
+----------------------------------------
+block-copy splits a copy into tasks of at most :data:`COPY_TASK` (1 MiB, its
+``BLOCK_COPY_MAX_BUFFER``) and runs them in parallel; each task's target write is
+one request to the throttle.  QEMU's throttle (no ``bps-write-max``) admits a request
+at once while its bucket holds at most ``rate / 10`` bytes, then adds the request's
+bytes to the bucket, which leaks at ``rate``.  So on a fresh bucket the first task
+is free and every further task waits ``COPY_TASK / rate``: a copy of ``n`` tasks takes
+about ``(n - 1) * COPY_TASK / rate - 0.1`` s, and never less (the throttle's timers
+can only fire late).  Two consequences the plan relies on:
+
+* a copy of a single task costs nothing on a fresh bucket, so every planned copy
+  spans at least two tasks;
+* the target must not limit ``max_transfer``: the copy-before-write node inherits
+  it, and the block layer then splits a guest write into sequential pieces, each
+  with its own copy and its own timeout (a 64 KiB limit on the target makes a
+  multi-second copy of 512 KiB never time out with ``cbw-timeout=1``, because each
+  64 KiB piece copies in 0.2 s).  Plain raw images on ``file`` have no limit.
+
+:class:`TimeoutPlan` picks the rate and two write sizes for a timeout ``T``: the
+*under* write's copy needs about 30 % of ``T``, the *over* write's at least 3 ``T``.
+
+A timed-out copy is not cancelled: it goes on in the background and keeps the
+throttle busy.  :meth:`TimeoutFleecing.lift_throttle` removes the limit with
+``qom-set tg0 limits {"bps-write": 0}`` (0 is "unlimited"; an empty ``limits`` changes
+nothing, since absent members keep their value): the throttle timer already armed
+still fires at its time (at most one task interval later), then the queued copy
+requests all go through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .cbw import DEVICE, NEW, ORIGINAL, value_id
+from .errors import CommandFailed
+from .images import Images
+from .machine import COMMAND_TIMEOUT, Machine, QemuIoResult
+from .transcript import Transcript, path_filter
+
+KiB = 1024
+MiB = 1024 * KiB
+COPY_TASK = 1 * MiB          # block-copy's largest task (BLOCK_COPY_MAX_BUFFER)
+THROTTLE_BURST_S = 0.1       # a fresh throttle bucket admits rate/10 bytes at once
+IMAGE_SIZE = 32 * MiB
+
+# Guest-written regions: A takes the under-the-timeout write, B the over-the-timeout
+# one, C a follow-up write; U is never written.
+REGION_A = 0
+REGION_B = 4 * MiB
+REGION_C = 16 * MiB
+REGION_U = 28 * MiB
+MAX_OVER = REGION_C - REGION_B          # 12 MiB, so B and C never overlap
+
+UNDER_SHARE = 0.3            # the under write's copy needs ~30 % of the timeout
+OVER_SHARE = 3.0             # the over write's copy needs >= 3x the timeout
+
+
+# ----------------------------------------------------------------- timing
+class Timing:
+    """How a guest write's duration compares with the timeout (the words logged)."""
+
+    IMMEDIATE = "immediate"                 # no copy waited on
+    BEFORE = "before the timeout"           # a real copy, finished in time
+    AT = "at the timeout"                   # returned when the timeout fired
+    AFTER = "after the timeout"             # ran past the timeout (no timeout fired)
+
+
+@dataclass(frozen=True)
+class TimeoutPlan:
+    """Throttle rate and write sizes for one ``cbw-timeout`` value (seconds).
+
+    The margins are wide on purpose: the under write's copy needs ``UNDER_SHARE``
+    of the timeout, the over write's at least ``OVER_SHARE`` times it, and the
+    accepted window for "at the timeout" is ``[T - EARLY, T + slack]``.
+    """
+
+    timeout: int
+
+    EARLY = 0.05             # clock granularity; the timer cannot fire before T
+
+    @property
+    def task_interval(self) -> float:
+        """Seconds the throttle holds each task after the first."""
+        return UNDER_SHARE * self.timeout + THROTTLE_BURST_S
+
+    @property
+    def rate(self) -> int:
+        """``bps-write`` of the throttle group (bytes/s)."""
+        return int(COPY_TASK / self.task_interval)
+
+    @property
+    def under_size(self) -> int:
+        return 2 * COPY_TASK
+
+    @property
+    def over_size(self) -> int:
+        tasks = math.ceil((OVER_SHARE * self.timeout + THROTTLE_BURST_S)
+                          / self.task_interval) + 1
+        size = tasks * COPY_TASK
+        assert size <= MAX_OVER, f"over write of {size} bytes does not fit region B"
+        return size
+
+    def copy_seconds(self, size: int) -> float:
+        """The least time the copy of ``size`` bytes takes on a fresh bucket."""
+        tasks = math.ceil(size / COPY_TASK)
+        return max(0.0, (tasks - 1) * COPY_TASK / self.rate - THROTTLE_BURST_S)
+
+    @property
+    def slack(self) -> float:
+        """How late after the timeout a timed-out write may return."""
+        return max(1.0, 0.25 * self.timeout)
+
+    @property
+    def immediate(self) -> float:
+        """Below this a write waited on no copy."""
+        return 0.2 * self.timeout
+
+    def classify(self, seconds: float) -> str:
+        if seconds < self.immediate:
+            return Timing.IMMEDIATE
+        if seconds < self.timeout - self.EARLY:
+            return Timing.BEFORE
+        if seconds <= self.timeout + self.slack:
+            return Timing.AT
+        return Timing.AFTER
+
+    @property
+    def command_timeout(self) -> float:
+        """QMP limit for one HMP qemu-io: even a copy that never times out ends in it."""
+        return max(COMMAND_TIMEOUT, self.copy_seconds(self.over_size) + self.timeout + 30)
+
+    def check_margins(self) -> None:
+        """The plan's own promise: under <= 40 % of T, over >= 200 % of T + slack."""
+        under = self.copy_seconds(self.under_size)
+        over = self.copy_seconds(self.over_size)
+        assert self.immediate < under <= 0.4 * self.timeout, (under, self.timeout)
+        assert over >= max(2 * self.timeout, self.timeout + self.slack + 1), (over, self.timeout)
+
+    def describe(self) -> str:
+        return (f"throttle {self.rate} B/s; under write {self.under_size // MiB} MiB "
+                f"(copy >= {self.copy_seconds(self.under_size):.1f} s), over write "
+                f"{self.over_size // MiB} MiB (copy >= {self.copy_seconds(self.over_size):.1f} s)")
+
+
+@dataclass
+class TimedWrite:
+    """One guest write: what qemu-io said and how long it took (wall clock)."""
+
+    offset: int
+    size: int
+    result: QemuIoResult
+    seconds: float
+    timing: str
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+    @property
+    def error(self) -> str | None:
+        return self.result.error
+
+
+@dataclass
+class TimeoutRun:
+    """What one run of the layout saw."""
+
+    on_cbw_error: str | None
+    cbw_timeout: int | None
+    plan: TimeoutPlan
+    writes: dict[str, TimedWrite] = field(default_factory=dict)        # by label
+    reads: dict[str, QemuIoResult] = field(default_factory=dict)       # by label
+    source_holds_new: dict[str, bool] = field(default_factory=dict)
+    source_holds_original: dict[str, bool] = field(default_factory=dict)
+
+    def durations(self) -> dict[str, float]:
+        return {label: round(w.seconds, 3) for label, w in self.writes.items()}
+
+    def summary(self) -> dict[str, str]:
+        """One row of the run's summary table."""
+        timeout = (f"cbw-timeout={self.cbw_timeout}s" if self.cbw_timeout is not None
+                   else "cbw-timeout unset")
+        guest = "; ".join(f"{label}: {w.error or 'ok'} after {w.seconds:.1f}s"
+                          for label, w in self.writes.items())
+        bad = [r for r in self.reads.values() if not r.ok]
+        data = ("snapshot reads ok" if not bad else f"snapshot reads fail: {bad[0].error}")
+        return {"scenario": f"fleecing, throttled target / {timeout} "
+                            f"(sizes for {self.plan.timeout}s)",
+                "on_cbw_error": value_id(self.on_cbw_error), "guest_write": guest,
+                "job": "-", "data": data}
+
+
+# ----------------------------------------------------------------- layout
+class TimeoutFleecing:
+    """The throttled-target fleecing layout on one machine, with timed guest writes."""
+
+    def __init__(self, launch_vm: Callable[..., Machine], images: Images, *,
+                 plan: TimeoutPlan, on_cbw_error: str | None = None,
+                 cbw_timeout: int | None = None, transcript: Transcript | None = None):
+        self.launch_vm = launch_vm
+        self.images = images
+        self.plan = plan
+        self.on_cbw_error = on_cbw_error
+        self.cbw_timeout = cbw_timeout
+        self.transcript = transcript or Transcript()
+        self.transcript.add_filter(path_filter(images.folder))
+        self.run = TimeoutRun(on_cbw_error, cbw_timeout, plan)
+        self.vm: Machine | None = None
+        self.source = images.path("source.raw")
+        self.target = images.path("target.raw")
+
+    # ---------------------------------------------------------- set-up
+    @staticmethod
+    def _raw_node(name: str, path: Path) -> dict[str, Any]:
+        # No blkdebug and no max-transfer: see the module docstring.
+        return {"driver": "raw", "node-name": name,
+                "file": {"driver": "file", "filename": str(path)}}
+
+    def cbw_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"driver": "copy-before-write", "node-name": "cbw",
+                                "file": "source", "target": "throttled-target"}
+        if self.on_cbw_error is not None:
+            opts["on-cbw-error"] = self.on_cbw_error
+        if self.cbw_timeout is not None:
+            opts["cbw-timeout"] = self.cbw_timeout
+        return opts
+
+    def launch(self) -> Machine:
+        """Images and QEMU with the raw ``source`` and ``target`` nodes, nothing more."""
+        self.images.create(self.source.name, IMAGE_SIZE, "raw")
+        self.images.write(self.source, ORIGINAL, 0, IMAGE_SIZE, "raw")
+        self.images.create(self.target.name, IMAGE_SIZE, "raw")
+        args = ["-device", "virtio-scsi,id=scsi"]
+        for name, path in (("source", self.source), ("target", self.target)):
+            args += ["-blockdev", json.dumps(self._raw_node(name, path))]
+        self.vm = self.launch_vm(args, name="vm", command_timeout=self.plan.command_timeout)
+        return self.vm
+
+    def start(self) -> Machine:
+        """Launch, then build the layout: throttle group and node, CBW, snapshot, disk."""
+        self.launch()
+        timeout = (f"cbw-timeout={self.cbw_timeout}" if self.cbw_timeout is not None
+                   else "cbw-timeout unset")
+        self.transcript.log(f"=== fleecing, throttled target, on-cbw-error="
+                            f"{value_id(self.on_cbw_error)}, {timeout}; sizes planned for "
+                            f"{self.plan.timeout} s: {self.plan.describe()} ===")
+        self.qmp("object-add", {"qom-type": "throttle-group", "id": "tg0",
+                                "limits": {"bps-write": self.plan.rate}})
+        self.qmp("blockdev-add", {"driver": "throttle", "node-name": "throttled-target",
+                                  "throttle-group": "tg0", "file": "target"})
+        self.qmp("blockdev-add", self.cbw_options())
+        self.qmp("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
+                                  "file": "cbw"})
+        self.qmp("device_add", {"driver": "scsi-hd", "drive": "cbw", "id": DEVICE})
+        assert self.vm is not None
+        return self.vm
+
+    # ------------------------------------------------------------ steps
+    def qmp(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        assert self.vm is not None
+        try:
+            reply = self.vm.qmp(command, args)
+        except CommandFailed as exc:
+            self.transcript.qmp(command, args, {"error": {"class": exc.error_class,
+                                                          "desc": exc.desc}})
+            raise
+        self.transcript.qmp(command, args, reply)
+        return reply
+
+    def write(self, label: str, offset: int, size: int, *, log_timing: bool = True
+              ) -> TimedWrite:
+        """A guest write through the device, timed from the HMP request to its reply."""
+        assert self.vm is not None
+        start = time.monotonic()
+        result = self.vm.qemu_io(DEVICE, f"write -P {NEW:#x} {offset} {size}")
+        seconds = time.monotonic() - start
+        timed = TimedWrite(offset, size, result, seconds, self.plan.classify(seconds))
+        line = f"guest write {label} ({NEW:#x} at {offset}+{size}): {result.output}"
+        if log_timing:  # the class only: the transcript carries no timings
+            line += f"\n  returned: {timed.timing}"
+        self.transcript.log(line)
+        self.run.writes[label] = timed
+        return timed
+
+    def read_snapshot(self, label: str, offset: int, size: int) -> QemuIoResult:
+        """Read the point-in-time view; it must still hold the original data."""
+        assert self.vm is not None
+        result = self.vm.qemu_io("snapshot", f"read -P {ORIGINAL:#x} {offset} {size}",
+                                 device=False)
+        self.transcript.log(f"snapshot read {label} ({offset}+{size}): {result.output}")
+        self.run.reads[label] = result
+        return result
+
+    def lift_throttle(self) -> None:
+        """Remove the limit: background copies that outlived their timeout can finish."""
+        self.qmp("qom-set", {"path": "tg0", "property": "limits",
+                             "value": {"bps-write": 0}})
+
+    def stop(self) -> None:
+        if self.vm is not None:
+            self.vm.shutdown()
+
+    def check_source(self, regions: Mapping[str, tuple[int, int]]) -> TimeoutRun:
+        """With QEMU stopped: which regions of the source hold the guest's data."""
+        self.stop()
+        for label, (offset, size) in regions.items():
+            self.run.source_holds_new[label] = self.images.holds(self.source, NEW, offset,
+                                                                 size, "raw")
+            self.run.source_holds_original[label] = self.images.holds(
+                self.source, ORIGINAL, offset, size, "raw")
+        changed = [label for label, v in self.run.source_holds_new.items() if v]
+        self.transcript.log(f"source holds the guest's data in: {', '.join(changed) or 'none'}")
+        return self.run
