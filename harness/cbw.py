@@ -10,7 +10,11 @@ copy-before-write of the guest-written regions only, never the job's own first c
 The source is filled with :data:`ORIGINAL`; the guest writes :data:`NEW` at
 :data:`GUEST_WRITES`.  ``sync=full`` jobs start with ``speed=1`` and 64 KiB chunks,
 so they copy one chunk and wait: the guest writes deterministically hit uncopied
-data; ``block-job-set-speed 0`` releases the job.
+data; ``block-job-set-speed`` releases the job: to full speed (0), or to
+:data:`CRUISE_SPEED` if it ignores errors.
+
+Nothing but the scenario touches the disks: QEMU starts with ``-S`` (no firmware
+runs) and the device is given its geometry (it does not read sector 0 to guess it).
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping
 
-from .blkdebug import BlkdebugRules, InjectError
-from .errors import CommandFailed
+from .blkdebug import BlkdebugRules, InjectError, blkdebug_node, load
+from .errors import ConfigError, QEMUUnresponsive
 from .images import Images
 from .machine import Machine, QemuIoResult
 from .transcript import Transcript, path_filter
@@ -38,10 +42,23 @@ GUEST_WRITES: tuple[int, ...] = (1 * MiB, 2 * MiB)
 UNTOUCHED: tuple[int, ...] = (0, 3 * MiB)
 DEVICE = "disk0"
 JOB = "job0"
+# A job that ignores errors retries a failing chunk at once, forever: at full speed
+# that is >100,000 BLOCK_JOB_ERROR events a second, more than the harness can read, and
+# the reply to the cancel waits behind them.  At this speed (about a thousand 64 KiB
+# chunks a second, failed ones included) the retries come ~1000 a second and the 4 MiB
+# copy still takes ~0.06 s.
+CRUISE_SPEED = 64 * MiB
+# The disk's CHS geometry (4 MiB), given so that the device does not read sector 0 to
+# guess it: that read would consume a one-shot blkdebug rule that names no sector.
+GEOMETRY = {"cyls": 8, "heads": 16, "secs": 64}
 
 # The option values under test; None means the option is left out (the default).
 ON_CBW_ERROR_VALUES: tuple[str | None, ...] = (None, "break-guest-write", "break-snapshot")
 POLICIES: tuple[str, ...] = ("report", "stop", "ignore", "enospc")
+# Each job policy with a fault's errno; enospc is tried with both, as it tells them apart.
+POLICY_CASES: tuple[tuple[str, int], ...] = (
+    *((p, errno_mod.EIO) for p in POLICIES), ("enospc", errno_mod.ENOSPC))
+POLICY_CASE_IDS = tuple(f"{p}-{errno_mod.errorcode[c]}" for p, c in POLICY_CASES)
 
 
 def value_id(value: str | None) -> str:
@@ -70,20 +87,45 @@ class Fault:
     (the copy's read of the old data), ``both``, or ``none`` (the control run).
     ``once``: only the first guest write's copy fails; otherwise every copy of
     the guest-written regions fails, so the job's own copy of them fails too.
+    ``config``: the rules come from a blkdebug config file instead (see
+    :meth:`from_config`), given to blkdebug as that file or, ``inline``, as QMP.
     """
 
     site: str = "none"
     once: bool = True
     errno: int = errno_mod.EIO
+    config: Path | None = None  # the rules of this blkdebug config file replace the built ones
+    inline: bool = True         # with config: send the file's rules inline, else the file itself
 
     def __post_init__(self) -> None:
         if self.site not in ("none", "target-write", "source-read", "both"):
             raise ValueError(f"unknown fault site {self.site!r}")
 
+    @classmethod
+    def from_config(cls, path: Path, *, inline: bool,
+                    valid_events: Collection[str] | None = None) -> Fault:
+        """The fault of a ``configs/*.conf`` file: one inject-error rule, whose event says
+        where it goes (``read_aio``: under the source, ``write_aio``: under the target).
+
+        Unlike the built rules, a file's rule names no sector: it fails the next
+        matching I/O on the node, whatever the region.
+        """
+        rules = load(path, valid_events)
+        sites = {"read_aio": "source-read", "write_aio": "target-write"}
+        if len(rules.inject_error) != 1 or rules.set_state or \
+                rules.inject_error[0].event not in sites:
+            raise ConfigError(f"{path}: a copy-before-write fault file holds one [inject-error] "
+                              f"rule on read_aio (source) or write_aio (target)")
+        rule = rules.inject_error[0]
+        return cls(sites[rule.event], once=rule.once, errno=rule.errno, config=Path(path),
+                   inline=inline)
+
     @property
     def name(self) -> str:
         if self.site == "none":
             return "no-fault"
+        if self.config is not None:
+            return f"{self.config.name} ({'inline' if self.inline else 'config file'})"
         return (f"{self.site}-{'once' if self.once else 'always'}-"
                 f"{errno_mod.errorcode.get(self.errno, self.errno)}")
 
@@ -99,15 +141,21 @@ class Fault:
                                           sector=off // 512, once=self.once)
                               for off in offsets])
 
-    def source_rules(self) -> BlkdebugRules | None:
-        if self.site not in ("source-read", "both"):
-            return None
-        return self._rules("read_aio", "read")
-
-    def target_rules(self) -> BlkdebugRules | None:
-        if self.site not in ("target-write", "both"):
-            return None
-        return self._rules("write_aio", "write")
+    def blkdebug(self, node: str, image: Mapping[str, Any]) -> dict[str, Any]:
+        """The blkdebug node under ``node`` ("source" or "target"), with this fault's rules
+        if it strikes there (none otherwise: blkdebug then passes I/O through)."""
+        event, iotype, sites = {"source": ("read_aio", "read", ("source-read", "both")),
+                                "target": ("write_aio", "write", ("target-write", "both"))}[node]
+        rules: BlkdebugRules | None = None
+        config: Path | None = None
+        if self.site in sites:
+            if self.config is None:
+                rules = self._rules(event, iotype)
+            elif self.inline:
+                rules = load(self.config)
+            else:
+                config = self.config
+        return blkdebug_node(f"{node}-debug", image, rules, config)
 
     def failing_writes(self) -> tuple[int, ...]:
         """Guest write offsets whose copy-before-write meets the fault."""
@@ -129,6 +177,7 @@ class JobOutcome:
     paused_on_error: bool = False     # the job paused after an error (stop / enospc)
     paused_again_after_resume: bool = False
     statuses: list[str] = field(default_factory=list)            # JOB_STATUS_CHANGE, drained
+    status_before_cancel: str | None = None  # sync=none: query-jobs status when it was ended
 
     @property
     def error_actions(self) -> list[tuple[str, str]]:
@@ -158,6 +207,17 @@ class Observation:
     source_holds_original: dict[int, bool] = field(default_factory=dict)
     backup_is_point_in_time: bool | None = None
     backup_holds_original: dict[int, bool] = field(default_factory=dict)
+    unresponsive: str | None = None  # the harness's error, if QEMU stopped answering QMP
+
+    @property
+    def job_reported_success(self) -> bool:
+        """The job ended the way a good backup ends: completed without error; for sync=none,
+        which runs until the user ends it, cancelled while running without an error."""
+        if self.job is None:
+            return False
+        if self.layout is Layout.BACKUP_SYNC_NONE:
+            return self.job.end == "cancelled" and not self.job.errors
+        return self.job.end == "completed"
 
     @property
     def failed_writes(self) -> list[int]:
@@ -172,21 +232,29 @@ class Observation:
         failed = self.failed_writes
         guest = ("all ok" if not failed else
                  f"{len(failed)}/{len(self.guest_writes)} failed: {sorted(self.write_errors)[0]}")
-        if self.backup_is_point_in_time is not None:
-            data = "backup point-in-time" if self.backup_is_point_in_time else \
-                "backup NOT point-in-time"
-        elif self.snapshot_reads:
-            bad = [r for r in self.snapshot_reads.values() if not r.ok]
-            data = ("snapshot reads ok" if not bad else
-                    f"snapshot reads fail: {bad[0].error}")
-        elif self.backup_holds_original:
-            copied = [o for o, v in self.backup_holds_original.items() if v]
-            data = f"target has old data at {len(copied)}/{len(self.backup_holds_original)}"
-        else:
-            data = ""
         return {"scenario": f"{self.layout.value} / {self.fault.name}",
                 "on_cbw_error": value_id(self.on_cbw_error), "guest_write": guest,
-                "job": self.job.describe() if self.job else "-", "data": data}
+                "job": self._job_summary(), "data": self._data_summary()}
+
+    def _job_summary(self) -> str:
+        if self.unresponsive:
+            return "QEMU stopped answering QMP"
+        return self.job.describe() if self.job else "-"
+
+    def _data_summary(self) -> str:
+        parts = []
+        if self.snapshot_reads:
+            bad = [r for r in self.snapshot_reads.values() if not r.ok]
+            parts.append("snapshot reads ok" if not bad else
+                         f"snapshot reads fail: {bad[0].error}")
+        if self.backup_holds_original:
+            copied = [o for o, v in self.backup_holds_original.items() if v]
+            parts.append(f"target has old data at {len(copied)}/"
+                         f"{len(self.backup_holds_original)}")
+        if self.backup_is_point_in_time is not None:
+            parts.append("backup point-in-time" if self.backup_is_point_in_time else
+                         "backup NOT point-in-time")
+        return "; ".join(parts)
 
 
 class Scenario:
@@ -196,7 +264,8 @@ class Scenario:
                  layout: Layout, on_cbw_error: str | None = None, fault: Fault = NO_FAULT,
                  on_source_error: str | None = None, on_target_error: str | None = None,
                  cbw_timeout: int | None = None, transcript: Transcript | None = None,
-                 command_timeout: float | None = None):
+                 command_timeout: float | None = None, name: str = "vm",
+                 release_speed: int | None = None):
         self.launch_vm = launch_vm
         self.images = images
         self.layout = layout
@@ -206,6 +275,10 @@ class Scenario:
         self.on_target_error = on_target_error
         self.cbw_timeout = cbw_timeout
         self.command_timeout = command_timeout
+        self.name = name  # the machine's name: its log files in the test's folder
+        ignores = "ignore" in (on_source_error, on_target_error)
+        self.release_speed = (release_speed if release_speed is not None else
+                              CRUISE_SPEED if ignores else 0)
         self.transcript = transcript or Transcript()
         self.transcript.add_filter(path_filter(images.folder))
         self.obs = Observation(layout, on_cbw_error, fault)
@@ -226,29 +299,32 @@ class Scenario:
         if self.layout is Layout.PUSH_FROM_SNAPSHOT:
             self.images.create(self.backup.name, IMAGE_SIZE, "raw")
 
+    def _raw_node(self, name: str, path: Path) -> dict[str, Any]:
+        image = {"driver": "file", "filename": str(path)}
+        if name in ("source", "target"):
+            return {"driver": "raw", "node-name": name, "file": self.fault.blkdebug(name, image)}
+        return {"driver": "raw", "node-name": name, "file": image}
+
     @staticmethod
-    def _raw_node(name: str, path: Path, rules: BlkdebugRules | None) -> dict[str, Any]:
-        debug: dict[str, Any] = {"driver": "blkdebug",
-                                 "image": {"driver": "file", "filename": str(path)}}
-        if rules is not None:
-            debug.update(rules.to_qmp())
-        return {"driver": "raw", "node-name": name, "file": debug}
+    def _device(drive: str) -> dict[str, Any]:
+        return {"driver": "scsi-hd", "drive": drive, "id": DEVICE, **GEOMETRY}
 
     def start(self) -> Machine:
         """Create images, launch QEMU with source and target, set up the layout."""
         self._images()
         fleecing = self.layout in (Layout.FLEECING, Layout.PUSH_FROM_SNAPSHOT)
-        nodes = [self._raw_node("source", self.source, self.fault.source_rules()),
-                 self._raw_node("target", self.target, self.fault.target_rules())]
+        nodes = [self._raw_node("source", self.source), self._raw_node("target", self.target)]
         if self.layout is Layout.PUSH_FROM_SNAPSHOT:
-            nodes.append(self._raw_node("backup", self.backup, None))
-        args: list[str] = ["-device", "virtio-scsi,id=scsi"]
+            nodes.append(self._raw_node("backup", self.backup))
+        # -S: no guest code runs (the "guest" is qemu-io on the device), so no firmware
+        # reads the disk behind the scenario's back.
+        args: list[str] = ["-S", "-device", "virtio-scsi,id=scsi"]
         for node in nodes:
             args += ["-blockdev", json.dumps(node)]
         if not fleecing:
-            args += ["-device", f"scsi-hd,drive=source,id={DEVICE}"]
+            args += ["-device", json.dumps(self._device("source"))]
         kwargs = {"command_timeout": self.command_timeout} if self.command_timeout else {}
-        self.vm = self.launch_vm(args, name="vm", **kwargs)
+        self.vm = self.launch_vm(args, name=self.name, **kwargs)
         self.transcript.log(f"=== {self.layout.value}, on-cbw-error="
                             f"{value_id(self.on_cbw_error)}, fault {self.fault.name} ===")
         if fleecing:
@@ -261,7 +337,7 @@ class Scenario:
             self.qmp("blockdev-add", cbw)
             self.qmp("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
                                       "file": "cbw"})
-            self.qmp("device_add", {"driver": "scsi-hd", "drive": "cbw", "id": DEVICE})
+            self.qmp("device_add", self._device("cbw"))
         if self.layout is not Layout.FLEECING:
             self.start_backup()
         return self.vm
@@ -291,14 +367,7 @@ class Scenario:
     # -------------------------------------------------------------- steps
     def qmp(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
         assert self.vm is not None
-        try:
-            reply = self.vm.qmp(command, args)
-        except CommandFailed as exc:
-            self.transcript.qmp(command, args, {"error": {"class": exc.error_class,
-                                                          "desc": exc.desc}})
-            raise
-        self.transcript.qmp(command, args, reply)
-        return reply
+        return self.transcript.execute(self.vm, command, args)
 
     def wait(self, name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
         assert self.vm is not None
@@ -326,7 +395,7 @@ class Scenario:
         return result
 
     def release_brake(self) -> None:
-        self.qmp("block-job-set-speed", {"device": JOB, "speed": 0})
+        self.qmp("block-job-set-speed", {"device": JOB, "speed": self.release_speed})
 
     def finish_job(self, *, ignore_errors_before_cancel: int = 3) -> JobOutcome:
         """Let the job run to its end, following its error policy; bounded throughout.
@@ -338,7 +407,11 @@ class Scenario:
         assert self.vm is not None
         outcome = JobOutcome(end="running")
         if self.layout is Layout.BACKUP_SYNC_NONE:
-            self._cancel(outcome)
+            outcome.status_before_cancel = self.job_status()
+            if outcome.status_before_cancel in (None, "aborting", "concluded", "null"):
+                self._await_end(outcome)  # it ended by itself: nothing to cancel
+            else:
+                self._cancel(outcome)
         else:
             self.release_brake()
             self._follow(outcome, ignore_errors_before_cancel)
@@ -387,9 +460,19 @@ class Scenario:
             self._ended(outcome, event)
             return
 
-    def _cancel(self, outcome: JobOutcome) -> None:
+    def job_status(self) -> str | None:
+        """The job's status as ``query-jobs`` has it (None once it is gone)."""
         assert self.vm is not None
+        status = next((j["status"] for j in self.vm.qmp("query-jobs") if j["id"] == JOB), None)
+        self.transcript.log(f"job status: {status or 'gone'}")
+        return status
+
+    def _cancel(self, outcome: JobOutcome) -> None:
         self.qmp("block-job-cancel", {"device": JOB, "force": True})
+        self._await_end(outcome)
+
+    def _await_end(self, outcome: JobOutcome) -> None:
+        assert self.vm is not None
         # An ignoring job may have queued thousands of BLOCK_JOB_ERRORs: skip to the end.
         event = self.vm.wait_any_event(self._ENDS[:2])
         self.transcript.event(event)
@@ -427,6 +510,11 @@ class Scenario:
         if self.vm is not None:
             self.vm.shutdown()
 
+    def abandon(self) -> None:
+        """QEMU stopped answering: SIGKILL it now rather than wait on a ``quit`` it won't read."""
+        if self.vm is not None:
+            self.vm.shutdown(quit_timeout=0)
+
     def check_data(self) -> Observation:
         """Read the images (QEMU stopped) and fill in the data verdicts."""
         self.stop()
@@ -439,9 +527,17 @@ class Scenario:
         elif self.layout is Layout.PUSH_FROM_SNAPSHOT and self.obs.job is not None:
             obs.backup_is_point_in_time = im.identical(self.backup, self.original, "raw", "raw")
         elif self.layout is Layout.BACKUP_SYNC_NONE:
+            # A sync=none target holds only what the copy-before-write saved (zeros
+            # elsewhere): the point-in-time image is the target over the source, as a
+            # qcow2 target with the source as its backing file shows it.  So every region
+            # the guest changed must be in the target; comparing the whole target with
+            # the original data would be wrong.
             for off in GUEST_WRITES:
                 obs.backup_holds_original[off] = im.holds(self.target, ORIGINAL, off, CHUNK,
                                                           "raw")
+            obs.backup_is_point_in_time = all(
+                obs.backup_holds_original[off] or obs.source_holds_original[off]
+                for off in GUEST_WRITES)
         changed = [str(o) for o, v in obs.source_holds_new.items() if v]
         self.transcript.log(f"source holds new data at: {', '.join(changed) or 'nowhere'}")
         if obs.backup_is_point_in_time is not None:
@@ -452,16 +548,20 @@ class Scenario:
 
 
 def run(scenario: Scenario, *, read_snapshot: bool = True) -> Observation:
-    """The standard story: start, two guest writes, snapshot reads, job to its end, data."""
-    scenario.start()
-    scenario.guest_writes()
-    if read_snapshot and scenario.layout in (Layout.FLEECING, Layout.PUSH_FROM_SNAPSHOT):
-        for off in GUEST_WRITES + UNTOUCHED:
-            scenario.read_snapshot(off)
-    if scenario.layout is not Layout.FLEECING:
-        scenario.finish_job()
+    """The standard story: start, two guest writes, snapshot reads, job to its end, data.
+
+    If QEMU stops answering, it is killed at once and :class:`QEMUUnresponsive` raised.
+    """
+    try:
+        scenario.start()
+        scenario.guest_writes()
+        if read_snapshot and scenario.layout in (Layout.FLEECING, Layout.PUSH_FROM_SNAPSHOT):
+            for off in GUEST_WRITES + UNTOUCHED:
+                scenario.read_snapshot(off)
+        if scenario.layout is not Layout.FLEECING:
+            scenario.finish_job()
+    except QEMUUnresponsive as exc:
+        scenario.obs.unresponsive = exc.message
+        scenario.abandon()
+        raise
     return scenario.check_data()
-
-
-def failing_offsets(fault: Fault) -> Sequence[int]:
-    return fault.failing_writes()

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .cbw import DEVICE, NEW, ORIGINAL, value_id
-from .errors import CommandFailed
 from .images import Images
 from .machine import COMMAND_TIMEOUT, Machine, QemuIoResult
 from .transcript import Transcript, path_filter
@@ -277,14 +276,7 @@ class TimeoutFleecing:
     # ------------------------------------------------------------ steps
     def qmp(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
         assert self.vm is not None
-        try:
-            reply = self.vm.qmp(command, args)
-        except CommandFailed as exc:
-            self.transcript.qmp(command, args, {"error": {"class": exc.error_class,
-                                                          "desc": exc.desc}})
-            raise
-        self.transcript.qmp(command, args, reply)
-        return reply
+        return self.transcript.execute(self.vm, command, args)
 
     def write(self, label: str, offset: int, size: int, *, log_timing: bool = True
               ) -> TimedWrite:

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
@@ -43,7 +44,7 @@ LAUNCH_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 20.0
 EVENT_TIMEOUT = 30.0
 QUIT_TIMEOUT = 3.0
-MAX_KEPT_EVENTS = 100_000
+MAX_KEPT_EVENTS = 100_000  # per event name: a flood of one cannot push out a rare one
 _PR_SET_PDEATHSIG = 1
 
 
@@ -153,6 +154,7 @@ class Machine:
         self._consumed: set[int] = set()
         self._unconsumed_from = 0  # every event before this index has been consumed
         self._dropped_events = 0
+        self._kept_by_name: Counter[str] = Counter()
         self._stdout_offset = 0
         self._killed_by_harness = False
         self.cmdline: list[str] = []
@@ -304,7 +306,8 @@ class Machine:
         if self.conversation:
             self.conversation.record(direction, msg)
         if direction == "<" and "event" in msg:
-            if len(self._events) < MAX_KEPT_EVENTS:
+            if self._kept_by_name[msg["event"]] < MAX_KEPT_EVENTS:
+                self._kept_by_name[msg["event"]] += 1
                 self._events.append(msg)
             else:
                 self._dropped_events += 1

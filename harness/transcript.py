@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .errors import CommandFailed
+
 Filter = Callable[[str], str]
 
 _QEMU_IO_RATE = re.compile(r"^\d+(\.\d+)? (?:bytes|[KMGTPE]iB), \d+ ops; .*$", re.M)
@@ -58,6 +60,16 @@ class Transcript:
     def qmp(self, command: str, args: Mapping[str, Any] | None, reply: Any) -> None:
         self.log({"execute": command, **({"arguments": dict(args)} if args else {})})
         self.log(reply if isinstance(reply, dict) and "error" in reply else {"return": reply})
+
+    def execute(self, vm: Any, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run ``vm.qmp(command, args)`` and log the command with its reply or error."""
+        try:
+            reply = vm.qmp(command, args)
+        except CommandFailed as exc:
+            self.qmp(command, args, {"error": {"class": exc.error_class, "desc": exc.desc}})
+            raise
+        self.qmp(command, args, reply)
+        return reply
 
     def event(self, event: Mapping[str, Any]) -> None:
         shown = {k: v for k, v in event.items() if k != "timestamp"}

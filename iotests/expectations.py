@@ -1,7 +1,9 @@
 """What QEMU documents, as small checks shared by the suite's tests.
 
-Sources: QAPI ``OnCbwError`` and ``BackupCommon`` (qapi/block-core.json) and the
-commit that added ``blockdev-backup`` ``on-cbw-error`` (QEMU 10.1).
+Sources: QAPI ``OnCbwError`` and ``BackupCommon`` (qapi/block-core.json), the
+commit that added ``blockdev-backup`` ``on-cbw-error`` (QEMU 10.1), and
+``block/copy-before-write.c`` for the error readers of a broken snapshot get
+(``-EACCES``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from harness.cbw import GUEST_WRITES, Fault, Observation
 
 BREAKS_GUEST_WRITE = (None, "break-guest-write")  # omitted must mean break-guest-write
+BROKEN_SNAPSHOT_ERROR = errno.EACCES  # what readers of a broken snapshot get
 
 
 def errno_text(code: int) -> str:
@@ -23,6 +26,11 @@ def expected_action(policy: str, code: int) -> str:
     if policy == "enospc":
         return "stop" if code == errno.ENOSPC else "report"
     return policy
+
+
+def breaks_snapshot(on_cbw_error: str | None, fault: Fault) -> bool:
+    """Does this run break the snapshot (a copy-before-write failure under break-snapshot)?"""
+    return on_cbw_error == "break-snapshot" and fault.injects
 
 
 def assert_guest_writes(obs: Observation, on_cbw_error: str | None, fault: Fault) -> None:
@@ -50,22 +58,77 @@ def assert_source_data(obs: Observation) -> None:
             assert original, f"source changed at untouched offset {off}"
 
 
+def assert_snapshot_reads(obs: Observation, on_cbw_error: str | None, fault: Fault) -> None:
+    """Readers of the snapshot see the point-in-time data; once break-snapshot has broken
+    it, every read fails with EACCES ("Permission denied"), whatever the region.
+
+    A persistent source-read fault also fails the snapshot's reads of the regions it
+    covers that were never copied (they are read from the source): that is the
+    source's own error, not the copy-before-write's.
+    """
+    assert obs.snapshot_reads, "no snapshot reads to check"
+    for off, result in obs.snapshot_reads.items():
+        if breaks_snapshot(on_cbw_error, fault):
+            expected: str | None = errno_text(BROKEN_SNAPSHOT_ERROR)
+        elif fault.site in ("source-read", "both") and not fault.once and \
+                off in fault.failing_writes():
+            expected = errno_text(fault.errno)
+        else:
+            expected = None
+        assert result.error == expected, (
+            f"snapshot read at {off}: expected {expected or 'the old data'}, "
+            f"got {result.output!r}")
+
+
 def assert_success_means_point_in_time(obs: Observation) -> None:
-    """A job that reports success must hold the point-in-time data."""
+    """A job that reports success must hold the point-in-time data (for sync=none, whose
+    normal end is a cancel: its target over the source must be the point-in-time data)."""
     assert obs.job is not None
-    if obs.job.end == "completed" and obs.backup_is_point_in_time is not None:
+    if obs.job_reported_success and obs.backup_is_point_in_time is not None:
         assert obs.backup_is_point_in_time, (
-            "backup job reported success but the backup is not the point-in-time data")
+            f"backup job reported success ({obs.job.describe()}) but the backup is not the "
+            "point-in-time data")
+
+
+def assert_completed_point_in_time(obs: Observation) -> None:
+    """The job completed without an error, and its backup is the point-in-time data."""
+    assert obs.job is not None
+    assert obs.job.errors == [] and obs.job.end == "completed", obs.job.describe()
+    assert obs.job.statuses[-3:] == ["pending", "concluded", "null"], obs.job.statuses
+    assert obs.backup_is_point_in_time
+
+
+def fault_traces(obs: Observation) -> list[str]:
+    """What in this run differs from a run without a fault."""
+    job = obs.job
+    traces = {
+        "a guest write failed": bool(obs.failed_writes),
+        "the job met an error": bool(job and (job.errors or job.end == "failed")),
+        "a snapshot read failed": any(not r.ok for r in obs.snapshot_reads.values()),
+        "the backup is not point-in-time": obs.backup_is_point_in_time is False,
+        "the target lacks old data": any(v is False for v in obs.backup_holds_original.values()),
+    }
+    return [text for text, seen in traces.items() if seen]
 
 
 def assert_fault_fired(obs: Observation) -> None:
     """Something observable differs from the control run: the injection really fired."""
-    job = obs.job
-    evidence = [
-        bool(obs.failed_writes),
-        bool(job and (job.errors or job.end == "failed")),
-        any(not r.ok for r in obs.snapshot_reads.values()),
-        obs.backup_is_point_in_time is False,
-        any(v is False for v in obs.backup_holds_original.values()),
-    ]
-    assert any(evidence), "the injected fault left no trace: did blkdebug fire?"
+    assert fault_traces(obs), "the injected fault left no trace: did blkdebug fire?"
+
+
+def assert_like_control(obs: Observation) -> None:
+    """Without a fault nothing of what assert_fault_fired looks for may show."""
+    assert not fault_traces(obs), f"control run without a fault: {fault_traces(obs)}"
+
+
+def assert_basics(obs: Observation, on_cbw_error: str | None, fault: Fault) -> None:
+    """What every run checks: the fault left a trace (or, without one, nothing shows),
+    the guest's writes, the snapshot's reads if any, and the data left in the source."""
+    if fault.injects:
+        assert_fault_fired(obs)
+    else:
+        assert_like_control(obs)
+    assert_guest_writes(obs, on_cbw_error, fault)
+    if obs.snapshot_reads:
+        assert_snapshot_reads(obs, on_cbw_error, fault)
+    assert_source_data(obs)
