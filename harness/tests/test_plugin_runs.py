@@ -132,3 +132,25 @@ def test_interrupted_run_leaves_no_qemu(tmp_path, qemu_build, sig):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+WORKER_SUICIDE_TEST = """
+import os, signal
+def test_worker_dies(launch_vm):
+    vm = launch_vm()
+    open(os.environ["PIDFILE"], "w").write(str(vm.pid))
+    os.kill(os.getpid(), signal.SIGKILL)  # an xdist worker crash, as abrupt as it gets
+"""
+
+
+def test_killed_xdist_worker_leaves_no_qemu(tmp_path, qemu_build):
+    pidfile = tmp_path / "qemu.pid"
+    result = run_pytest(tmp_path, WORKER_SUICIDE_TEST, "-n", "1", build=qemu_build,
+                        env={"PIDFILE": str(pidfile)})
+    assert "worker 'gw0' crashed" in result.stdout or "node down" in result.stdout, \
+        result.stdout
+    qemu_pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while not process_gone(qemu_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_gone(qemu_pid), f"QEMU {qemu_pid} outlived its crashed xdist worker"
