@@ -57,6 +57,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="keep the folder of passing tests too")
     g.addoption("--regen-reference", action="store_true",
                 help="rewrite the reference transcripts (.out) from this run")
+    g.addoption("--guest-kernel", metavar="PATH", default=os.environ.get("CBW_GUEST_KERNEL"),
+                help="bzImage of your own guest kernel (default: Debian's cloud kernel, "
+                     "provisioned; env CBW_GUEST_KERNEL)")
+    g.addoption("--guest-modules", metavar="DIR", default=os.environ.get("CBW_GUEST_MODULES"),
+                help="its lib/modules/<version> directory; without it the kernel's disk "
+                     "drivers must be built in (env CBW_GUEST_MODULES)")
     g.addoption("--qmp-timeout", type=float, default=None, metavar="SECONDS",
                 help="default time limit for QMP replies and awaited events")
 
@@ -132,14 +138,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 # ------------------------------------------------------------ capabilities
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    info = item.config.stash[_build_info_key]
-    for mark in item.iter_markers("requires"):
-        for cap in mark.args:
-            try:
-                info.require(cap)
-            except MissingCapability as exc:
-                pytest.skip(str(exc))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, at collection, tests whose capabilities the build lacks (the skip then
+    points at the test, and names the capability)."""
+    info = config.stash[_build_info_key]
+    for item in items:
+        for mark in item.iter_markers("requires"):
+            for cap in mark.args:
+                try:
+                    info.require(cap)
+                except MissingCapability as exc:
+                    item.add_marker(pytest.mark.skip(reason=str(exc)))
 
 
 # ---------------------------------------------------------------- fixtures
@@ -327,3 +336,32 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
         tr.write_line(f"summary JSON: {path}")
     if stats.get("failed") or stats.get("error"):
         tr.write_line(f"artifacts of failed tests: {artifacts}")
+
+
+# ========================================================== guest kernel (real guests)
+# Options and the session fixture for tests that boot a Linux guest (marker ``guest``).
+# Precedence: --guest-kernel/--guest-modules > CBW_GUEST_KERNEL/CBW_GUEST_MODULES >
+# Debian's kernel, provisioned and cached.
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from .guest.vm import GuestImage
+
+
+@pytest.fixture(scope="session")
+def guest_image(pytestconfig: pytest.Config) -> GuestImage:
+    """The guest's kernel, busybox and initramfs (:class:`harness.guest.GuestImage`), made
+    once per session; built files are cached on disk, so xdist workers share them."""
+    from .errors import ConfigError
+    from .guest.vm import GuestImage  # noqa: F811 (imported here: plugin start-up stays lean)
+    kernel = pytestconfig.getoption("guest_kernel")
+    modules = pytestconfig.getoption("guest_modules")
+    try:
+        if kernel:
+            return GuestImage.from_user(kernel, modules)
+        if modules:
+            raise ConfigError("--guest-modules needs --guest-kernel: the modules of which "
+                              "kernel?")
+        return GuestImage.provision()
+    except HarnessError as exc:
+        pytest.fail(f"guest kernel: {exc}", pytrace=False)

@@ -11,6 +11,9 @@ back into typed results.  Typical use::
     ops = [Write(guest_dev, 0, 65536, 0x55), Read(guest_dev, 0, 65536)]
     argv = [..., *qemu_guest_args(kernel, initrd, guest_cmdline(ops)), *devices]
     report = parse_console(serial_output).check()
+
+:mod:`.vm` puts it all together under copy-before-write: :func:`run_guest` boots the
+guest on :class:`GuestDisk` s and returns a :class:`GuestRun`.
 """
 
 from .console import (GATE_REPLY, Gate, GuestError, GuestOp, GuestReport, KernelMessage, Op, Read,
@@ -18,10 +21,13 @@ from .console import (GATE_REPLY, Gate, GuestError, GuestOp, GuestReport, Kernel
                       pattern_md5, qemu_guest_args)
 from .initramfs import DISK_MODULES, build_initramfs
 from .kernel import GuestKernel, busybox_static, provision_kernel
+from .vm import (DiskRun, GuestDisk, GuestImage, GuestRun, IoStop, bench_boot, guest_devices,
+                 run_guest)
 
 __all__ = [
-    "DISK_MODULES", "GATE_REPLY", "Gate", "GuestError", "GuestKernel", "GuestOp", "GuestReport",
-    "KernelMessage", "Op", "Read", "Sleep", "Write", "build_initramfs", "busybox_static",
-    "disk_args", "format_ops", "guest_cmdline", "parse_console", "parse_ops", "pattern_md5",
-    "provision_kernel", "qemu_guest_args",
+    "DISK_MODULES", "GATE_REPLY", "DiskRun", "Gate", "GuestDisk", "GuestError", "GuestImage",
+    "GuestKernel", "GuestOp", "GuestReport", "GuestRun", "IoStop", "KernelMessage", "Op", "Read",
+    "Sleep", "Write", "bench_boot", "build_initramfs", "busybox_static", "disk_args",
+    "format_ops", "guest_cmdline", "guest_devices", "parse_console", "parse_ops", "pattern_md5",
+    "provision_kernel", "qemu_guest_args", "run_guest",
 ]

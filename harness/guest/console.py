@@ -187,15 +187,16 @@ def guest_cmdline(ops: Sequence[Op], console: str = "ttyS0", *, disk_wait: int =
 
 
 def qemu_guest_args(kernel: GuestKernel, initramfs: Path, cmdline: str,
-                    serial: str = "stdio") -> list[str]:
-    """QEMU options that boot the guest (direct kernel boot) with its console on ``serial``.
+                    serial: str | None = "stdio") -> list[str]:
+    """QEMU options that boot the guest (direct kernel boot) with its console on ``serial``
+    (None: no ``-serial``, for ``Machine(console=True)``, which adds its own).
 
     ``-no-reboot`` is essential: the guest ends by resetting (no ACPI to power off
     with) and panics reset too (``panic=-1``); it makes QEMU exit instead of
     booting the guest again.  QEMU then reports a SHUTDOWN event, reason guest-reset.
     """
     return ["-kernel", str(kernel.boot_image), "-initrd", str(initramfs), "-append", cmdline,
-            "-serial", serial, "-no-reboot"]
+            *(["-serial", serial] if serial is not None else []), "-no-reboot"]
 
 
 def disk_args(kind: str, node_name: str) -> tuple[list[str], str]:

@@ -14,17 +14,15 @@ import hashlib
 import json
 import lzma
 import os
-import shutil
 import stat
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..cache import cache_root
 from ..errors import ConfigError
-from .kernel import GuestKernel
+from .kernel import GuestKernel, ZstdFailed, zstd_decompress
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 # Bump when the archive layout changes, so cached archives are rebuilt.
@@ -251,7 +249,7 @@ class ModuleTree:
 
 
 def load_module(path: Path) -> bytes:
-    """A module file's ELF bytes, decompressed (xz, gzip, or zstd via the zstd tool)."""
+    """A module file's ELF bytes, decompressed (xz, gzip or zstd)."""
     raw = path.read_bytes()
     try:
         if path.name.endswith(".xz"):
@@ -261,9 +259,10 @@ def load_module(path: Path) -> bytes:
     except (lzma.LZMAError, OSError, EOFError) as e:
         raise ConfigError(f"cannot decompress kernel module {path}: {e}") from None
     if path.name.endswith(".zst"):
-        if not shutil.which("zstd"):
-            raise ConfigError(f"{path} is zstd-compressed: install the zstd tool to use it")
-        return subprocess.run(["zstd", "-dc", str(path)], check=True, stdout=subprocess.PIPE).stdout
+        try:
+            return zstd_decompress(raw)
+        except ZstdFailed as e:
+            raise ConfigError(f"cannot decompress kernel module {path}: {e}") from None
     return raw
 
 

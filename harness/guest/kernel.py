@@ -27,11 +27,16 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import debian
 from ..cache import cache_root
 from ..errors import ConfigError, ProvisionError
+
+try:
+    import zstandard as _zstandard
+except ImportError:  # a declared dependency; the zstd tool stands in where it is missing
+    _zstandard: Any = None
 
 # The suites of the apt root shared with QEMU provisioning (<cache>/apt/trixie):
 # PrivateApt writes its sources from them, so every user of a root must agree.
@@ -144,7 +149,7 @@ def pvh_image(vmlinuz: Path) -> Path | None:
 
     Cached under ``<cache>/guest/pvh/`` by a hash of the bzImage.  Returns None
     (boot the bzImage instead) when the kernel lacks PVH support or its payload
-    cannot be decompressed here (zstd needs the ``zstd`` tool before Python 3.14).
+    cannot be decompressed here (zstd: see :func:`zstd_decompress`).
     """
     data = vmlinuz.read_bytes()
     out = cache_root() / "guest" / "pvh" / (hashlib.sha256(data).hexdigest()[:32] + ".elf")
@@ -187,14 +192,34 @@ def _bzimage_payload(data: bytes) -> bytes:
 
 
 def _unzstd(payload: bytes) -> bytes:
+    # The kernel build appends the uncompressed size (4 bytes): not part of the frame.
+    try:
+        return zstd_decompress(payload[:-4])
+    except ZstdFailed as e:
+        raise _NoPVH(str(e)) from None
+
+
+class ZstdFailed(Exception):
+    """zstd data could not be decompressed (no decompressor here, or bad data)."""
+
+
+def zstd_decompress(data: bytes) -> bytes:
+    """Decompress one zstd frame: with the ``zstandard`` package (a dependency of the
+    harness), else with the host's ``zstd`` tool; :class:`ZstdFailed` if neither can."""
+    if _zstandard is not None:
+        try:
+            # Streamed: the kernel's frames do not record their size in the header.
+            return _zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        except _zstandard.ZstdError as e:
+            raise ZstdFailed(f"zstd data does not decompress: {e}") from None
     tool = shutil.which("zstd")
     if tool is None:
-        raise _NoPVH("its payload is zstd and there is no zstd tool: install zstd")
-    # The kernel build appends the uncompressed size (4 bytes), which zstd rejects.
-    proc = subprocess.run([tool, "-dcq"], input=payload[:-4], stdout=subprocess.PIPE,
+        raise ZstdFailed("the data is zstd-compressed and neither the zstandard Python "
+                         "package nor the zstd tool is installed: pip install zstandard")
+    proc = subprocess.run([tool, "-dcq"], input=data, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=120)
     if proc.returncode != 0:
-        raise _NoPVH(f"zstd failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise ZstdFailed(f"zstd failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
 
 

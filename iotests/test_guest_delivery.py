@@ -1,0 +1,348 @@
+"""Guest error delivery: a real Linux guest writes through copy-before-write.
+
+A copy-before-write failure under ``break-guest-write`` (the default) fails the guest's
+write, so the guest cannot overwrite what could not be backed up (QAPI OnCbwError);
+the seed commit adds that it "triggers the on-source-error policy": for a guest
+write, the device's ``werror`` (QAPI BackupCommon: a guest write's error goes through
+the device's werror/rerror).  ``break-snapshot`` lets the write through and leaves
+the snapshot invalid.  Here a Linux guest (Debian kernel, busybox init) does the
+writes with ``dd oflag=direct``, and the suite checks what the guest, its kernel, QMP
+and the disks show:
+
+* ``report`` (and the device default, which reports an EIO): the write fails with
+  EIO, the kernel logs it, BLOCK_IO_ERROR (write, report, the device's qom-path,
+  the filter's node-name); the source keeps the old data.
+* ``stop``: BLOCK_IO_ERROR (stop) + STOP, status ``io-error``; ``cont`` retries and
+  stops again while the fault lasts; once it is gone (one-shot rule, or the backup
+  job cancelled) ``cont`` completes the write and the guest sees success.
+* ``ignore``: the guest is told success though nothing was written: data loss, as
+  werror=ignore documents.
+* ``break-snapshot``: no error anywhere the guest or QMP can see; the backup target
+  lacks the overwritten regions (fleecing: snapshot reads fail, Permission denied).
+* Reads keep working throughout.  BLOCK_IO_ERROR is rate-limited (one per second per
+  device, except action stop): only "at least one, with the right fields" is asserted.
+* SCSI and ATA disks retry a failed write in the guest's driver: a one-shot fault is
+  then invisible to the guest (its retry's copy succeeds); a persistent one fails it.
+
+Each disk has its own source (filled with ORIGINAL), target, filter and job; the guest
+writes NEW at GUEST_WRITES, where the fault's sector-targeted rules sit, and reads
+UNTOUCHED regions.  One boot serves several disks where their checks stay apart.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from harness.cbw import (CHUNK, GUEST_WRITES, NEW, ORIGINAL, UNTOUCHED, Fault, Layout,
+                         value_id)
+from harness.guest import (DiskRun, GuestDisk, GuestOp, GuestRun, Read, Write, guest_devices,
+                           run_guest)
+from harness.images import Images
+from iotests.expectations import BREAKS_GUEST_WRITE, BROKEN_SNAPSHOT_ERROR, errno_text
+
+pytestmark = pytest.mark.guest
+
+SITES = ("target-write", "source-read")
+EIO = errno_text(errno.EIO)
+FIRST = GUEST_WRITES[0]
+
+
+def backup_values(values):
+    """on-cbw-error values for blockdev-backup: an explicit one needs QEMU 10.1+."""
+    return [pytest.param(v, id=value_id(v), marks=[] if v is None else
+                         pytest.mark.requires("blockdev-backup.on-cbw-error")) for v in values]
+
+
+BREAKING = pytest.mark.parametrize("on_cbw_error", backup_values(BREAKS_GUEST_WRITE))
+SITE = pytest.mark.parametrize("site", SITES)
+FLEECING = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")
+
+
+# ------------------------------------------------------------------------- running
+
+def guest_reads_region(disk: GuestDisk, offset: int) -> bool:
+    """A persistent source-read fault also fails the guest's own reads of its regions
+    (that is the source's error, not the copy-before-write's): do not read them."""
+    persistent_read_fault = disk.fault.site in ("source-read", "both") and not disk.fault.once
+    return not (persistent_read_fault and offset in disk.fault.failing_writes())
+
+
+def standard_plan(disks: list[GuestDisk]) -> list:
+    """Per disk: write NEW at each of GUEST_WRITES, then read the untouched regions and
+    read back the written ones."""
+    devices = guest_devices(disks)
+    plan: list = []
+    for disk in disks:
+        dev = devices[disk.name]
+        plan += [Write(dev, off, CHUNK, NEW) for off in GUEST_WRITES]
+        plan += [Read(dev, off, CHUNK) for off in UNTOUCHED]
+        plan += [Read(dev, off, CHUNK) for off in GUEST_WRITES if guest_reads_region(disk, off)]
+    return plan
+
+
+def region(images: Images, path: Path, offset: int) -> str:
+    """What a region of a raw image holds, offline: new, old, zero or mixed."""
+    for name, pattern in (("new", NEW), ("old", ORIGINAL), ("zero", 0)):
+        if images.holds(path, pattern, offset, CHUNK, "raw"):
+            return name
+    return "mixed"
+
+
+def event_members(build_info, event: str) -> set[str]:
+    """The data members the build's schema declares for ``event``."""
+    by_name = {e["name"]: e for e in build_info.schema.entries}
+    return {m["name"] for m in by_name[by_name[event]["arg-type"]].get("members", [])}
+
+
+@pytest.fixture
+def boot(launch_vm, images, guest_image, summary_row, build_info):
+    """``boot(*disks)``: one guest on these disks running the standard plan; each disk
+    becomes a row of the run's summary table."""
+    names_device = "qom-path" in event_members(build_info, "BLOCK_IO_ERROR")  # not in 7.2
+
+    def run(*disks: GuestDisk) -> GuestRun:
+        result = run_guest(launch_vm, images, guest_image, list(disks), standard_plan(list(disks)))
+        for d in result.disks.values():
+            summary_row(**summary(result, d, images))
+            if names_device:
+                assert all("qom-path" in e for e in d.io_errors), d.io_errors
+        return result
+    return run
+
+
+def summary(run: GuestRun, d: DiskRun, images: Images) -> dict[str, str]:
+    writes = [op for op in run.ops_on(d.disk.name) if op.op == "write"]
+    failed = [op for op in writes if not op.ok]
+    events = sorted({e["action"] for e in d.io_errors})
+    data = [f"BLOCK_IO_ERROR {'/'.join(events)}" if events else "no BLOCK_IO_ERROR"]
+    if d.stops:
+        data.append("stops answered " + ", ".join(s.answer for s in d.stops))
+    if d.snapshot_reads:
+        bad = {r.error for r in d.snapshot_reads.values() if not r.ok}
+        data.append(f"snapshot reads fail: {bad.pop()}" if bad else "snapshot reads ok")
+    data.append("source " + "/".join(region(images, d.source, o) for o in GUEST_WRITES) +
+                ", target " + "/".join(region(images, d.target, o) for o in GUEST_WRITES))
+    return {"scenario": f"guest {d.disk.kind} werror={d.disk.werror or 'default'} / "
+                        f"{d.disk.layout.value} / {d.disk.fault.name}",
+            "on_cbw_error": value_id(d.disk.on_cbw_error),
+            "guest_write": (f"{len(failed)}/{len(writes)} failed: {failed[0].errno_text}"
+                            if failed else "all ok"),
+            "job": d.job_status or "-", "data": "; ".join(data)}
+
+
+# ---------------------------------------------------------------------- assertions
+
+def write_at(run: GuestRun, disk: str, offset: int) -> GuestOp:
+    return next(op for op in run.ops_on(disk) if op.op == "write" and op.offset == offset)
+
+
+def assert_write_failed_in_guest(run: GuestRun, disk: str, offset: int) -> None:
+    """The guest's write got EIO and its kernel logged an I/O error on that disk."""
+    op = write_at(run, disk, offset)
+    assert op.errno_text == EIO, f"{disk}: write at {offset}: expected EIO, got {op}"
+    name = run.disk(disk).device.removeprefix("/dev/")
+    logged = [m.text for m in run.io_errors_during(op)]
+    assert any(f"dev {name}," in text for text in logged), \
+        f"{disk}: the guest kernel logged no I/O error on {name} for the write: {logged}"
+
+
+def assert_write_succeeded_in_guest(run: GuestRun, disk: str, offset: int) -> GuestOp:
+    op = write_at(run, disk, offset)
+    assert op.ok, f"{disk}: write at {offset} failed in the guest: {op}"
+    return op
+
+
+def assert_block_io_errors(d: DiskRun, action: str) -> None:
+    """At least one BLOCK_IO_ERROR (more are rate-limited), each naming this write error,
+    the device (qom-path; ``device`` is empty with -blockdev) and the filter node."""
+    assert d.io_errors, f"{d.disk.name}: no BLOCK_IO_ERROR"
+    want = {"operation": "write", "action": action, "reason": EIO, "node-name": d.filter_node}
+    for event in d.io_errors:
+        # qom-path is checked where the build has it (boot() checks that it is there).
+        expected = {**want, "qom-path": d.disk.qom_path} if "qom-path" in event else want
+        assert {k: event.get(k) for k in expected} == expected, f"{d.disk.name}: {event}"
+
+
+def assert_reads_work(run: GuestRun, disk: str, written: dict[int, int]) -> None:
+    """Every read of the disk succeeded and saw ``written[offset]`` (ORIGINAL elsewhere)."""
+    reads = [op for op in run.ops_on(disk) if op.op == "read"]
+    assert reads
+    for op in reads:
+        want = written.get(op.offset, ORIGINAL)
+        assert op.ok and op.got == CHUNK, f"{disk}: read at {op.offset} failed: {op}"
+        assert op.fill == want, f"{disk}: read at {op.offset}: {op.fill} instead of {want:#x}"
+
+
+def assert_regions(images: Images, path: Path, want: dict[int, str], what: str) -> None:
+    got = {off: region(images, path, off) for off in want}
+    assert got == want, what
+
+
+# --------------------------------------------------------------------------- tests
+
+@SITE
+@BREAKING
+def test_write_error_reaches_the_guest(boot, images, on_cbw_error, site):
+    """Three disks: device default (one-shot fault), werror=report and werror=ignore
+    (persistent faults)."""
+    run = boot(GuestDisk("default", on_cbw_error=on_cbw_error, fault=Fault(site, once=True)),
+               GuestDisk("report", werror="report", on_cbw_error=on_cbw_error,
+                         fault=Fault(site, once=False)),
+               GuestDisk("ignore", werror="ignore", on_cbw_error=on_cbw_error,
+                         fault=Fault(site, once=False)))
+    assert not run.stops and run.final_status != "io-error"
+    for name in ("default", "report"):
+        d = run.disk(name)
+        failing = d.disk.fault.failing_writes()
+        for off in GUEST_WRITES:
+            if off in failing:
+                assert_write_failed_in_guest(run, name, off)
+            else:
+                assert_write_succeeded_in_guest(run, name, off)
+        assert_block_io_errors(d, "report")
+        kept = {off: ("old" if off in failing else "new") for off in GUEST_WRITES}
+        assert_reads_work(run, name, {off: ORIGINAL if v == "old" else NEW
+                                      for off, v in kept.items()})
+        assert_regions(images, d.source, kept, f"{name}: failed writes left the old data")
+        assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES if off not in failing},
+                       f"{name}: the regions overwritten were copied first")
+
+    ignore = run.disk("ignore")
+    for off in GUEST_WRITES:
+        op = assert_write_succeeded_in_guest(run, "ignore", off)
+        assert not run.io_errors_during(op), "werror=ignore: the guest kernel saw an error"
+    assert_block_io_errors(ignore, "ignore")
+    assert_reads_work(run, "ignore", {})  # the guest reads back the old data it "overwrote"
+    assert_regions(images, ignore.source, {off: "old" for off in GUEST_WRITES},
+                   "werror=ignore: documented data loss: the guest was told its writes "
+                   "succeeded, yet the source must still hold the old data")
+
+
+@SITE
+@BREAKING
+def test_werror_stop_pauses_until_the_fault_is_gone(boot, images, on_cbw_error, site):
+    """Two werror=stop disks: ``once`` (one-shot fault: the first ``cont`` completes the
+    write) and ``always`` (persistent: ``cont`` stops again; cancelling the backup job
+    drops the filter, and the next ``cont`` completes the write)."""
+    run = boot(GuestDisk("once", werror="stop", on_cbw_error=on_cbw_error,
+                         fault=Fault(site, once=True)),
+               GuestDisk("always", werror="stop", on_cbw_error=on_cbw_error,
+                         fault=Fault(site, once=False), stop_retries=1))
+    once, always = run.disk("once"), run.disk("always")
+    assert [s.answer for s in once.stops] == ["cont"]
+    assert [s.answer for s in always.stops] == ["cont", "cancel-job+cont"], \
+        "a cont with the fault in place must stop again"
+    assert {s.status for s in run.stops} == {"io-error"}
+    # action stop is not rate-limited: one event per pause, each followed by STOP.
+    for d in (once, always):
+        assert_block_io_errors(d, "stop")
+        assert len(d.io_errors) == len(d.stops), d.io_errors
+    names = run.event_names()
+    for i, name in enumerate(names):
+        if name == "BLOCK_IO_ERROR":
+            assert "STOP" in names[i + 1:i + 3], f"no STOP after BLOCK_IO_ERROR: {names}"
+
+    for name in ("once", "always"):
+        for off in GUEST_WRITES:
+            op = assert_write_succeeded_in_guest(run, name, off)
+            assert not run.io_errors_during(op), f"{name}: the guest saw the paused write fail"
+        assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
+        assert_regions(images, run.disk(name).source, {off: "new" for off in GUEST_WRITES},
+                       f"{name}: the resumed writes reached the disk")
+    # The one-shot fault is gone at the retry: its copy succeeds, the backup stays valid.
+    assert_regions(images, once.target, {off: "old" for off in GUEST_WRITES},
+                   "once: the retried write was copied before it went through")
+    assert always.job_status is None, "always: the cancelled job is still there"
+
+
+@pytest.mark.requires("blockdev-backup.on-cbw-error")
+@SITE
+def test_break_snapshot_keeps_the_guest_unaware(boot, images, site):
+    """break-snapshot: a report disk (one-shot fault) and a stop disk (persistent fault):
+    no error reaches the guest or QMP, and the backup misses what the guest overwrote."""
+    run = boot(GuestDisk("report", werror="report", on_cbw_error="break-snapshot",
+                         fault=Fault(site, once=True)),
+               GuestDisk("stop", werror="stop", on_cbw_error="break-snapshot",
+                         fault=Fault(site, once=False)))
+    assert not run.stops and "BLOCK_IO_ERROR" not in run.event_names()
+    for name in ("report", "stop"):
+        for off in GUEST_WRITES:
+            op = assert_write_succeeded_in_guest(run, name, off)
+            assert not run.io_errors_during(op), f"{name}: the guest kernel saw an error"
+        assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
+        d = run.disk(name)
+        assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
+                       f"{name}: the writes went through")
+        # From the failure on nothing is copied: the one-shot fault's second region too.
+        assert_regions(images, d.target, {off: "zero" for off in GUEST_WRITES},
+                       f"{name}: the backup lacks the overwritten regions (snapshot invalid)")
+
+
+@pytest.mark.requires("blockdev-backup.on-cbw-error")
+@pytest.mark.xfail(strict=True, reason=(
+    "QEMU 11.1: after break-snapshot broke the snapshot under a real guest's writes, the "
+    "blockdev-backup sync=none job is still running when the guest ends (query-jobs), "
+    "with no BLOCK_JOB_* event (documented: the backup will finally fail / the seed: "
+    "related jobs are aborted)"))
+@SITE
+def test_break_snapshot_ends_the_backup_job(boot, site):
+    run = boot(GuestDisk("disk", on_cbw_error="break-snapshot", fault=Fault(site, once=True)))
+    assert write_at(run, "disk", FIRST).ok
+    assert run.disk("disk").job_status != "running", "the job goes on with a broken snapshot"
+
+
+@FLEECING
+@SITE
+@pytest.mark.parametrize("on_cbw_error", [*BREAKS_GUEST_WRITE, "break-snapshot"], ids=value_id)
+def test_fleecing_snapshot_under_guest_writes(boot, images, on_cbw_error, site):
+    """A copy-before-write node with snapshot-access on top; the snapshot is read after
+    the guest's end, as an export would read it."""
+    run = boot(GuestDisk("fleece", layout=Layout.FLEECING, on_cbw_error=on_cbw_error,
+                         fault=Fault(site, once=True)))
+    d = run.disk("fleece")
+    if on_cbw_error == "break-snapshot":
+        for off in GUEST_WRITES:
+            assert_write_succeeded_in_guest(run, "fleece", off)
+        assert not d.io_errors, "break-snapshot: BLOCK_IO_ERROR"
+        want = errno_text(BROKEN_SNAPSHOT_ERROR)
+        assert {off: r.error for off, r in d.snapshot_reads.items()} == \
+            {off: want for off in d.snapshot_reads}, "reads of a broken snapshot must fail"
+        assert_reads_work(run, "fleece", {off: NEW for off in GUEST_WRITES})
+    else:
+        assert_write_failed_in_guest(run, "fleece", FIRST)
+        assert_write_succeeded_in_guest(run, "fleece", GUEST_WRITES[1])
+        assert_block_io_errors(d, "report")
+        bad = {off: r.output for off, r in d.snapshot_reads.items() if not r.ok}
+        assert not bad, f"the snapshot must still read as the old data: {bad}"
+        assert_reads_work(run, "fleece", {FIRST: ORIGINAL, GUEST_WRITES[1]: NEW})
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "always"])
+@pytest.mark.parametrize("kind", ["virtio-scsi", "ahci"])
+def test_disk_kind_report(boot, images, kind, once):
+    """SCSI (virtio-scsi + scsi-hd) and ATA (ahci + ide-hd) disks, werror=report, on-cbw-error
+    left to its default: QEMU reports the error to the guest's driver, which retries the
+    write (SCSI midlayer: Aborted Command; libata error handling).  A one-shot fault is
+    gone at the retry: the guest sees success, and the retry was copied first.  A
+    persistent one fails every retry and the write."""
+    run = boot(GuestDisk("disk", kind=kind, werror="report",
+                         fault=Fault("target-write", once=once)))
+    d = run.disk("disk")
+    assert_block_io_errors(d, "report")
+    if once:
+        for off in GUEST_WRITES:
+            assert_write_succeeded_in_guest(run, "disk", off)
+        assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
+                       "the guest's retry went through")
+        assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES},
+                       "the retried write was copied before it went through")
+        assert_reads_work(run, "disk", {off: NEW for off in GUEST_WRITES})
+    else:
+        for off in GUEST_WRITES:
+            assert_write_failed_in_guest(run, "disk", off)
+        assert_regions(images, d.source, {off: "old" for off in GUEST_WRITES},
+                       "failed writes left the old data")
+        assert_reads_work(run, "disk", {})
