@@ -315,7 +315,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
              ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
     tr.section("cbw-harness summary")
     tr.write_line(f"QEMU {info.version} ({info.package}) at {info.build.qemu_system}")
-    tr.write_line("results: " + ", ".join(f"{n} {k}" for k, n in stats.items() if n) or "none")
+    tr.write_line("results: " + (", ".join(f"{n} {k}" for k, n in stats.items() if n) or "none"))
     reasons: Counter[str] = Counter()
     for rep in tr.stats.get("skipped", []):
         if isinstance(rep.longrepr, tuple):
