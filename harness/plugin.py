@@ -322,9 +322,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
             reasons[rep.longrepr[2].removeprefix("Skipped: ")] += 1
     for reason, n in reasons.most_common():
         tr.write_line(f"  skipped {n}: {reason}")
-    for rep in tr.stats.get("xfailed", []):
-        tr.write_line(f"  xfail (known QEMU deviation): {rep.nodeid}: "
-                      f"{getattr(rep, 'wasxfail', '')}")
+    deviations: Counter[str] = Counter(getattr(rep, "wasxfail", "")
+                                       for rep in tr.stats.get("xfailed", []))
+    for reason, n in deviations.most_common():
+        tr.write_line(f"  known QEMU departure from its documentation ({n} tests): {reason}")
     rows = config.stash[_summary_key]
     artifacts = Path(config.getoption("artifacts")).resolve()
     if rows:
