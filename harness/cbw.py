@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import json
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -292,9 +293,9 @@ class Scenario:
 
     # ------------------------------------------------------------- set-up
     def _images(self) -> None:
-        for path in (self.source, self.original):
-            self.images.create(path.name, IMAGE_SIZE, "raw")
-            self.images.write(path, ORIGINAL, 0, IMAGE_SIZE, "raw")
+        self.images.create(self.source.name, IMAGE_SIZE, "raw")
+        self.images.write(self.source, ORIGINAL, 0, IMAGE_SIZE, "raw")
+        shutil.copyfile(self.source, self.original)  # the point-in-time reference
         self.images.create(self.target.name, IMAGE_SIZE, "raw")
         if self.layout is Layout.PUSH_FROM_SNAPSHOT:
             self.images.create(self.backup.name, IMAGE_SIZE, "raw")
@@ -513,15 +514,16 @@ class Scenario:
     def abandon(self) -> None:
         """QEMU stopped answering: SIGKILL it now rather than wait on a ``quit`` it won't read."""
         if self.vm is not None:
-            self.vm.shutdown(quit_timeout=0)
+            self.vm.shutdown()
 
     def check_data(self) -> Observation:
         """Read the images (QEMU stopped) and fill in the data verdicts."""
         self.stop()
         im, obs = self.images, self.obs
-        for off in GUEST_WRITES + UNTOUCHED:
-            obs.source_holds_new[off] = im.holds(self.source, NEW, off, CHUNK, "raw")
-            obs.source_holds_original[off] = im.holds(self.source, ORIGINAL, off, CHUNK, "raw")
+        probed = GUEST_WRITES + UNTOUCHED
+        obs.source_holds_new.update(im.holds_each(self.source, NEW, probed, CHUNK, "raw"))
+        obs.source_holds_original.update(
+            im.holds_each(self.source, ORIGINAL, probed, CHUNK, "raw"))
         if self.layout is Layout.BACKUP_SYNC_FULL:
             obs.backup_is_point_in_time = im.identical(self.target, self.original, "raw", "raw")
         elif self.layout is Layout.PUSH_FROM_SNAPSHOT and self.obs.job is not None:
@@ -532,9 +534,8 @@ class Scenario:
             # qcow2 target with the source as its backing file shows it.  So every region
             # the guest changed must be in the target; comparing the whole target with
             # the original data would be wrong.
-            for off in GUEST_WRITES:
-                obs.backup_holds_original[off] = im.holds(self.target, ORIGINAL, off, CHUNK,
-                                                          "raw")
+            obs.backup_holds_original.update(
+                im.holds_each(self.target, ORIGINAL, GUEST_WRITES, CHUNK, "raw"))
             obs.backup_is_point_in_time = all(
                 obs.backup_holds_original[off] or obs.source_holds_original[off]
                 for off in GUEST_WRITES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -71,6 +72,21 @@ class Images:
         if not result.ok:
             raise ImageError(f"reading {path.name} at {offset} failed: {result.error}")
         return True
+
+    def holds_each(self, path: Path, pattern: int, offsets: Sequence[int], length: int,
+                   fmt: str = "qcow2") -> dict[int, bool]:
+        """:meth:`holds` for several offsets in one qemu-io run (offsets must differ)."""
+        if len(set(offsets)) != len(offsets):
+            raise ValueError("holds_each() needs distinct offsets")
+        result = self.qemu_io(path, *(f"read -P {pattern:#x} {o} {length}" for o in offsets),
+                              fmt=fmt)
+        failed = {int(m) for m in re.findall(r"Pattern verification failed at offset (\d+)",
+                                              result.output)}
+        done = {int(m) for m in re.findall(r"^read \d+/\d+ bytes at offset (\d+)$",
+                                            result.output, re.M)}
+        if done != set(offsets):
+            raise ImageError(f"reading {path.name} failed: {result.error or result.output}")
+        return {o: o not in failed for o in offsets}
 
     def identical(self, a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -> bool:
         """``qemu-img compare``: same guest-visible content?"""

@@ -143,3 +143,16 @@ def test_reproducer_script_starts_the_same_qemu(launch_vm, workdir):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_images_pattern_checks_with_the_builds_tools(images):
+    img = images.create("a.raw", "1M", "raw")
+    images.write(img, 0x5A, 0, "64k", "raw")
+    assert images.holds(img, 0x5A, 0, "64k", "raw")
+    assert not images.holds(img, 0x5A, "64k", "64k", "raw")
+    assert images.holds_each(img, 0x5A, [0, 65536, 131072], 65536, "raw") == {
+        0: True, 65536: False, 131072: False}
+    other = images.create("b.raw", "1M", "raw")
+    assert not images.identical(img, other, "raw", "raw")
+    images.write(other, 0x5A, 0, "64k", "raw")
+    assert images.identical(img, other, "raw", "raw")
