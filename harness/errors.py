@@ -62,12 +62,13 @@ class WaitTimeout(QEMUError):
 class CommandFailed(QEMUError):
     """A QMP command returned an error."""
 
-    def __init__(self, command: str, args: dict, error_class: str, desc: str, **kw):
+    def __init__(self, command: str, arguments: dict[str, object], error_class: str, desc: str,
+                 **kw: object) -> None:
         self.command = command
-        self.args = args
+        self.arguments = arguments  # not 'args': that is BaseException's, and gets overwritten
         self.error_class = error_class
         self.desc = desc
-        super().__init__(f"QMP {command} failed: {error_class}: {desc}", **kw)
+        super().__init__(f"QMP {command} failed: {error_class}: {desc}", **kw)  # type: ignore[arg-type]
 
 
 def describe_exit(code: int | None) -> str:
