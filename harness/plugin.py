@@ -15,7 +15,7 @@ import tempfile
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 import pytest
 
@@ -25,6 +25,9 @@ from .errors import HarnessError, MissingCapability
 from .images import Images
 from .machine import Machine
 from .transcript import Transcript, compare, reference_path
+
+if TYPE_CHECKING:
+    from .guest.vm import GuestImage
 
 _live_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()
 _ARTIFACTS_MARK = ".cbw-artifacts"
@@ -242,7 +245,7 @@ def launch_vm(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
 # ------------------------------------------------------ reports and summary
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Iterator[None]:
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
     item.stash.setdefault(_phase_reports, {})[report.when] = report
     workdir = item.stash.get(_workdir_key, None)
@@ -284,7 +287,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for key, value in report.user_properties:
         if key == "cbw-summary":
             _config.stash[_summary_key].append(
-                dict(value, outcome=outcomes.get(report.nodeid, "?"), test=report.nodeid))
+                {**dict(value), "outcome": outcomes.get(report.nodeid, "?"),  # type: ignore[call-overload]
+                 "test": report.nodeid})
 
 
 _outcomes_key = pytest.StashKey[dict[str, str]]()
@@ -343,11 +347,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
 # Options and the session fixture for tests that boot a Linux guest (marker ``guest``).
 # Precedence: --guest-kernel/--guest-modules > CBW_GUEST_KERNEL/CBW_GUEST_MODULES >
 # Debian's kernel, provisioned and cached.
-from typing import TYPE_CHECKING  # noqa: E402
-
-if TYPE_CHECKING:
-    from .guest.vm import GuestImage
-
 
 @pytest.fixture(scope="session")
 def guest_image(pytestconfig: pytest.Config) -> GuestImage:
