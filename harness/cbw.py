@@ -514,7 +514,7 @@ class Scenario:
     def abandon(self) -> None:
         """QEMU stopped answering: SIGKILL it now rather than wait on a ``quit`` it won't read."""
         if self.vm is not None:
-            self.vm.shutdown()
+            self.vm.shutdown(quit_timeout=0)
 
     def check_data(self) -> Observation:
         """Read the images (QEMU stopped) and fill in the data verdicts."""
