@@ -164,6 +164,7 @@ class Machine:
         self._console_buf = bytearray()
         self._console_log: Any = None
         self._console_changed: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # any event or console data arrived
         self.exitcode: int | None = None
 
     # ----------------------------------------------------------------- paths
@@ -243,6 +244,7 @@ class Machine:
         self._loop = asyncio.new_event_loop()
         self._exited = self._loop.create_future()
         self._new_event = asyncio.Event()
+        self._changed = asyncio.Event()
         self._watch_exit()
         if self._console_sock is not None:
             self._console_changed = asyncio.Event()
@@ -313,6 +315,8 @@ class Machine:
                 self._dropped_events += 1
             if self._new_event:
                 self._new_event.set()
+            if self._changed:
+                self._changed.set()
 
     def _run(self, aw: Awaitable[T], timeout: float, what: str, *, waiting: bool = False) -> T:
         """Run ``aw`` until done, QEMU exits, or ``timeout``; raise the matching error."""
@@ -447,6 +451,8 @@ class Machine:
             self._console_log.write(data)
         if self._console_changed:
             self._console_changed.set()
+        if self._changed:
+            self._changed.set()
 
     @property
     def console_text(self) -> str:
@@ -470,6 +476,20 @@ class Machine:
                 await self._console_changed.wait()
         return self._run(scan(), timeout or self.event_timeout,
                          f"console output matching {regex.pattern!r}", waiting=True)
+
+    def wait_for(self, check: Callable[[], T | None], what: str, *,
+                 timeout: float | None = None) -> T:
+        """Wait until ``check()`` returns a truthy value, re-checking whenever an event or
+        console output arrives (``check`` reads :attr:`events`, :attr:`console_text`)."""
+        async def watch() -> T:
+            assert self._changed is not None
+            while True:
+                value = check()
+                if value:
+                    return value
+                self._changed.clear()
+                await self._changed.wait()
+        return self._run(watch(), timeout or self.event_timeout, what, waiting=True)
 
     def console_write(self, data: bytes) -> None:
         """Send ``data`` to the guest's serial line."""

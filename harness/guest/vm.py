@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..builds import QemuBuild
 from ..cbw import CHUNK, GUEST_WRITES, IMAGE_SIZE, NO_FAULT, ORIGINAL, UNTOUCHED, Fault, Layout
-from ..errors import ConfigError, HarnessError, WaitTimeout
+from ..errors import ConfigError, HarnessError, QEMUDied, WaitTimeout
 from ..images import Images
 from ..machine import Machine, QemuIoResult
 from .console import (IO_ERROR, GuestError, GuestOp, GuestReport, KernelMessage, Op, Read,
@@ -347,17 +347,23 @@ class _Session:
         """Until the guest prints CBW-READY; a guest that ends or stalls first fails."""
         vm = self.vm
         assert vm is not None
-        while _READY not in vm.console_text:
-            if not vm.is_running:
-                raise GuestError(f"QEMU exited before the guest was ready (CBW-READY); "
-                                 f"its last output:\n{vm.log_tail()}", vm.console_text)
-            if vm.events_named("SHUTDOWN"):
-                raise GuestError("the guest ended before it was ready (CBW-READY)",
-                                 vm.console_text)
-            if time.monotonic() > deadline:
-                raise GuestError(f"the guest was not ready (CBW-READY) within "
-                                 f"{self.ready_timeout:g} s", vm.console_text)
-            vm.pump(0.05)
+
+        def ready_or_ended() -> str | None:
+            if _READY in vm.console_text:
+                return "ready"
+            return "ended" if vm.events_named("SHUTDOWN") else None
+        try:
+            state = vm.wait_for(ready_or_ended, "the guest's CBW-READY line",
+                                timeout=max(deadline - time.monotonic(), 0.001))
+        except QEMUDied:
+            raise GuestError(f"QEMU exited before the guest was ready (CBW-READY); "
+                             f"its last output:\n{vm.log_tail()}", vm.console_text) from None
+        except WaitTimeout:
+            raise GuestError(f"the guest was not ready (CBW-READY) within "
+                             f"{self.ready_timeout:g} s", vm.console_text) from None
+        if state == "ended":
+            raise GuestError("the guest ended before it was ready (CBW-READY)",
+                             vm.console_text)
 
     def _wait_end(self, deadline: float) -> dict[str, Any]:
         """Answer stop pauses until the guest ends; returns the SHUTDOWN event."""
