@@ -49,10 +49,16 @@ class Images:
 
     def qemu_io(self, path: Path, *commands: str, fmt: str = "qcow2",
                 force_share: bool = False) -> QemuIoResult:
-        argv = [str(self.build.qemu_io), "-f", fmt, *(["-U"] if force_share else [])]
+        return self.qemu_io_on(["-f", fmt, *(["-U"] if force_share else []), str(path)],
+                               *commands, what=f"qemu-io {path.name}")
+
+    def qemu_io_on(self, image: Sequence[str], *commands: str, what: str = "qemu-io"
+                   ) -> QemuIoResult:
+        """qemu-io on any image spec (``["-r", "--image-opts", "driver=nbd,..."]``)."""
+        argv = [str(self.build.qemu_io)]
         for c in commands:
             argv += ["-c", c]
-        proc = self._run([*argv, str(path)], f"qemu-io {path.name}")
+        proc = self._run([*argv, *image], what)
         return QemuIoResult("; ".join(commands), (proc.stdout + proc.stderr).strip())
 
     def write(self, path: Path, pattern: int, offset: int | str, length: int | str,
