@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -81,6 +82,10 @@ def mirror_in(deb822_files: list[str], one_line_files: list[str]) -> str | None:
     return None
 
 
+# Package lists refreshed by this process, per apt root and suite set.
+_UPDATED_THIS_PROCESS: set[tuple[str, tuple[str, ...]]] = set()
+
+
 class PrivateApt:
     """An apt instance with its own sources, state and cache under ``root``."""
 
@@ -130,13 +135,15 @@ class PrivateApt:
         return proc.stdout
 
     def update(self) -> None:
-        if self._lists_ready:
+        key = (str(self.root), self.suites)
+        if self._lists_ready or key in _UPDATED_THIS_PROCESS:
             return
         self._prepare()
         _say(f"updating package lists for {' '.join(self.suites)}")
         self._run(["update"], f"update the package lists of {' '.join(self.suites)} "
                   "(is the Debian mirror reachable?)")
         self._lists_ready = True
+        _UPDATED_THIS_PROCESS.add(key)
 
     def resolve(self, packages: Iterable[str], target: str) -> list[tuple[str, str]]:
         """The full dependency closure of ``packages``, as (name, version)."""
@@ -155,8 +162,12 @@ class PrivateApt:
         missing = [(n, v) for n, v in pinned if not _deb_for(archives, n, v)]
         if missing:
             _say(f"downloading {len(missing)} packages")
+            start = time.monotonic()
             self._run(["download", *[f"{n}={v}" for n, v in missing]],
                       "download packages", progress=False)
+            size = sum(d.stat().st_size for n, v in missing if (d := _deb_for(archives, n, v)))
+            _say(f"downloaded {size / 1e6:.1f} MB in {time.monotonic() - start:.1f} s "
+                 "(verified by apt)")
         debs = []
         for name, version in pinned:
             deb = _deb_for(archives, name, version)

@@ -164,3 +164,13 @@ def test_reference_compare_and_version_specific_file(tmp_path):
         compare("b\n", ref, regenerate=False)
     (tmp_path / "test_a_x-y.10.0.out").write_text("old\n")
     assert reference_path(tmp_path, "test_a[x-y]", (10, 0)).name == "test_a_x-y.10.0.out"
+
+
+def test_not_a_debian_host_says_what_to_do(monkeypatch):
+    from harness import debian
+    from harness.errors import ProvisionError
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
+    with pytest.raises(ProvisionError) as info:
+        debian.host_mirror()
+    assert "not a Debian-family host" in str(info.value)
+    assert "--qemu-build" in str(info.value) and "\n" not in str(info.value)
