@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import debian
-from .cache import cache_root, locked
+from .cache import apt_root, cache_root, locked
 from .errors import ConfigError, ProvisionError
 
 
@@ -28,14 +28,12 @@ class Release:
 
     name: str
     suite: debian.Suite
-    apt_name: str  # which private apt root (shared by releases of one suite set)
 
 
 RELEASES: dict[str, Release] = {
-    "11.1": Release("11.1", debian.Suite(("trixie", "trixie-backports"), "trixie-backports"),
-                    "trixie"),
-    "10.0": Release("10.0", debian.Suite(("trixie", "trixie-backports"), "trixie"), "trixie"),
-    "7.2": Release("7.2", debian.Suite(("bookworm",), "bookworm"), "bookworm"),
+    "11.1": Release("11.1", debian.Suite(("trixie", "trixie-backports"), "trixie-backports")),
+    "10.0": Release("10.0", debian.Suite(("trixie", "trixie-backports"), "trixie")),
+    "7.2": Release("7.2", debian.Suite(("bookworm",), "bookworm")),
 }
 DEFAULT_RELEASE = "11.1"
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils")
@@ -72,14 +70,14 @@ def provision(name: str = DEFAULT_RELEASE) -> Path:
     marker = top / "complete.json"
     if marker.exists():
         return top / "bin"
-    apt_root = cache_root() / "apt" / release.apt_name
-    with locked(apt_root), locked(top):
+    apt_dir = apt_root(release.suite)
+    with locked(apt_dir, "the package cache"), locked(top, f"QEMU {name}"):
         if marker.exists():
             return top / "bin"
         staging = top.with_name(top.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(top, ignore_errors=True)
-        closure = debian.fetch(QEMU_PACKAGES, release.suite, staging / "prefix", apt_root)
+        closure = debian.fetch(QEMU_PACKAGES, release.suite, staging / "prefix", apt_dir)
         _write_wrappers(staging)
         version = _check_version(staging / "bin" / "qemu-system-x86_64", name)
         (staging / "complete.json").write_text(json.dumps(

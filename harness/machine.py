@@ -24,7 +24,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +162,6 @@ class Machine:
         self._console_sock: socket.socket | None = None
         self._console_buf = bytearray()
         self._console_log: Any = None
-        self._console_changed: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None  # any event or console data arrived
         self.exitcode: int | None = None
 
@@ -247,7 +245,6 @@ class Machine:
         self._changed = asyncio.Event()
         self._watch_exit()
         if self._console_sock is not None:
-            self._console_changed = asyncio.Event()
             self._console_log = open(self.console_path, "wb", buffering=0)
             self._console_sock.setblocking(False)
             self._loop.add_reader(self._console_sock.fileno(), self._on_console)
@@ -449,8 +446,6 @@ class Machine:
         self._console_buf += data
         if self._console_log:
             self._console_log.write(data)
-        if self._console_changed:
-            self._console_changed.set()
         if self._changed:
             self._changed.set()
 
@@ -465,17 +460,8 @@ class Machine:
         if self._console_sock is None:
             raise RuntimeError("wait_console() needs Machine(console=True)")
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-
-        async def scan() -> re.Match[str]:
-            assert self._console_changed is not None
-            while True:
-                m = regex.search(self.console_text, start)
-                if m:
-                    return m
-                self._console_changed.clear()
-                await self._console_changed.wait()
-        return self._run(scan(), timeout or self.event_timeout,
-                         f"console output matching {regex.pattern!r}", waiting=True)
+        return self.wait_for(lambda: regex.search(self.console_text, start),
+                             f"console output matching {regex.pattern!r}", timeout=timeout)
 
     def wait_for(self, check: Callable[[], T | None], what: str, *,
                  timeout: float | None = None) -> T:
@@ -652,20 +638,3 @@ class Machine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
-
-
-def wait_until(check: Callable[[], T | None], machine: Machine, what: str, *,
-               timeout: float = EVENT_TIMEOUT, poll: float = 0.02) -> T:
-    """Poll a QMP-visible state (``check`` returns a truthy value when reached).
-
-    For states that announce no event; still bounded and still wakes on QEMU's death.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise WaitTimeout(f"{machine.name}: timed out after {timeout:g}s waiting for {what}",
-                              cmdline=machine.cmdline, log_tail=machine.log_tail())
-        machine.pump(poll)

@@ -11,8 +11,6 @@ file per request names the directory to use, so a second call is a couple of
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import lzma
@@ -22,15 +20,13 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import time
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .. import debian
-from ..cache import cache_root
+from ..cache import apt_root, cache_root, locked
 from ..errors import ConfigError, ProvisionError
 
 try:
@@ -42,21 +38,13 @@ except ImportError:  # a declared dependency; the zstd tool stands in where it i
 # PrivateApt writes its sources from them, so every user of a root must agree.
 # The target picks trixie's own kernel, not a backport.
 TRIXIE = debian.Suite(("trixie", "trixie-backports"), "trixie")
-APT_ROOT_NAME = {TRIXIE.suites: "trixie", ("bookworm",): "bookworm"}
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MARKER = ".complete"
-# Long enough for a slow mirror to deliver a 35 MB kernel package to another process.
-LOCK_TIMEOUT_S = 600.0
 # Packages that carry the kernel image or its modules: linux-image-<abi> for 6.x; in
 # 7.x also the split linux-binary-<abi>, linux-modules-<abi>, linux-base-<abi>
 # (<abi> starts with a digit, which keeps the unrelated "linux-base" out).
 _KERNEL_PART = re.compile(r"^linux-(image|binary|modules|base)-\d")
-
-
-def apt_root(suite: debian.Suite) -> Path:
-    """The private apt directory shared with QEMU provisioning: ``<cache>/apt/<name>``."""
-    return cache_root() / "apt" / APT_ROOT_NAME.get(suite.suites, "-".join(suite.suites))
 
 
 @dataclass(frozen=True)
@@ -298,12 +286,11 @@ def _provision(key: str, suite: debian.Suite, package: str, want: Callable[[str]
     if not refresh and (hit := _cached(guest, pointer)) is not None:
         return hit
     guest.mkdir(parents=True, exist_ok=True)
-    with _locked(guest / ".lock", "the guest cache"):
+    with locked(guest, "the guest cache"):
         if not refresh and (hit := _cached(guest, pointer)) is not None:
             return hit  # another process provisioned it while we waited
         root = apt_root(suite)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(root.with_name(root.name + ".lock"), f"the apt root {root}"):
+        with locked(root, "the package cache"):
             apt = debian.PrivateApt(root, suite.suites)
             closure = apt.resolve([package], suite.target)
             pinned = [(n, v) for n, v in closure if want(n)]
@@ -355,23 +342,3 @@ def _write_atomic_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def _locked(path: Path, what: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive flock on ``path``, waiting at most ``timeout`` seconds."""
-    with open(path, "a") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() > deadline:
-                    raise ProvisionError(f"another process has held the lock on {what} ({path}) "
-                                         f"for over {timeout:.0f} s: wait for it or stop it") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

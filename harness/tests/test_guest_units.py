@@ -465,11 +465,12 @@ def test_cached_kernel_needs_no_apt(tmp_path: Path, cache: Path,
 
 
 def test_lock_wait_is_bounded(tmp_path: Path) -> None:
-    path = tmp_path / "x.lock"
-    with open(path, "a") as holder:
+    from harness.cache import locked
+    path = tmp_path / "x"
+    with open(tmp_path / "x.lock", "a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(ProvisionError, match="held the lock on the thing"):
-            with kernel._locked(path, "the thing", timeout=0.3):
+            with locked(path, "the thing", timeout=0.3):
                 pass
-    with kernel._locked(path, "the thing", timeout=0.3):
+    with locked(path, "the thing", timeout=0.3):
         pass
