@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness import builds  # noqa: E402
-from harness.machine import Machine, supports_monitor_object  # noqa: E402
+from harness.qemu.machine import Machine, supports_monitor_object  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -78,7 +78,7 @@ def qemu_bare(build: builds.QemuBuild) -> None:
 
 def harness_machine(build: builds.QemuBuild, folder: Path) -> None:
     with Machine(build, folder) as vm:
-        vm.qmp("query-status")
+        vm.cmd("query-status")
 
 
 def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
@@ -88,7 +88,7 @@ def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
             import pytest
             @pytest.mark.parametrize("i", range({tests}))
             def test_vm(launch_vm, i):
-                assert launch_vm().qmp("query-status")["running"]
+                assert launch_vm().cmd("query-status")["running"]
             @pytest.mark.parametrize("i", range({tests}))
             def test_empty(i):
                 assert i >= 0
@@ -107,8 +107,8 @@ def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
 
 
 def scenario_runner(build: builds.QemuBuild, folder: Path, name: str) -> Callable[[], None]:
-    from harness import cbw
-    from harness.images import Images
+    from harness.scenarios import cbw
+    from harness.block.images import Images
 
     layout = cbw.Layout(name)
 
@@ -166,7 +166,7 @@ def main() -> int:
             results["pytest-per-test"] = {"median_ms": round(with_vm * 1000, 1),
                                           "pytest_alone_ms": round(empty * 1000, 1),
                                           "n": args.repeat * 2}
-        from harness.cbw import Layout
+        from harness.scenarios.cbw import Layout
         for layout in Layout:
             name = f"scenario:{layout.value}"
             if want(name):

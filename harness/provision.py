@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import builds
+from .qemu import builds
 from .errors import HarnessError
 
 

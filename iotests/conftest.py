@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from harness.cbw import Observation, Scenario
+from harness.scenarios.cbw import Observation, Scenario
 
 
 @pytest.fixture

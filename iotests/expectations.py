@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-from harness.cbw import GUEST_WRITES, Fault, Observation
+from harness.scenarios.cbw import GUEST_WRITES, Fault, Observation
 
 BREAKS_GUEST_WRITE = (None, "break-guest-write")  # omitted must mean break-guest-write
 BROKEN_SNAPSHOT_ERROR = errno.EACCES  # what readers of a broken snapshot get

@@ -32,7 +32,7 @@ from typing import Callable
 
 import pytest
 
-from harness.cbw_timeout import (REGION_A, REGION_B, REGION_C, REGION_U, MiB, TimeoutFleecing,
+from harness.scenarios.cbw_timeout import (REGION_A, REGION_B, REGION_C, REGION_U, MiB, TimeoutFleecing,
                                  TimeoutPlan, TimedWrite, Timing)
 from harness.errors import CommandFailed
 from iotests.expectations import BREAKS_GUEST_WRITE
@@ -212,10 +212,10 @@ def test_timeout_is_whole_seconds(fleecing, check_transcript):
             "target": "target"}
     for value in (1.5, -1, 2**32, "2"):
         with pytest.raises(CommandFailed) as exc:
-            f.qmp("blockdev-add", {**base, "cbw-timeout": value})
+            f.cmd("blockdev-add", {**base, "cbw-timeout": value})
         assert exc.value.error_class == "GenericError"
         assert "'cbw-timeout'" in exc.value.desc, exc.value.desc
     for value in (0, 1, 2**32 - 1):
-        f.qmp("blockdev-add", {**base, "cbw-timeout": value})
-        f.qmp("blockdev-del", {"node-name": "cbw"})
+        f.cmd("blockdev-add", {**base, "cbw-timeout": value})
+        f.cmd("blockdev-del", {"node-name": "cbw"})
     check_transcript()

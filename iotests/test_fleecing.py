@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import blkdebug
-from harness.cbw import NO_FAULT, ON_CBW_ERROR_VALUES, Fault, Layout, run, value_id
+from harness.block import blkdebug
+from harness.scenarios.cbw import NO_FAULT, ON_CBW_ERROR_VALUES, Fault, Layout, run, value_id
 from harness.errors import ConfigError
-from harness.transcript import path_filter
+from harness.qemu.transcript import path_filter
 from iotests.expectations import assert_basics, assert_fault_fired
 
 pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cbw import CRUISE_SPEED, Fault, Layout, run
+from harness.scenarios.cbw import CRUISE_SPEED, Fault, Layout, run
 from harness.errors import QEMUUnresponsive
 from iotests.expectations import assert_basics, assert_success_means_point_in_time
 

@@ -4,7 +4,7 @@ The fleecing layout (a copy-before-write node with snapshot-access on top, see
 test_fleecing.py) with the snapshot-access node exported read-only over NBD
 (``nbd-server-start`` on an abstract unix socket, ``block-export-add``).  The export
 is up before the guest writes; the client is the build's own ``qemu-io -r``,
-offline, one connection per read (harness/nbd.py).  The fault is on the
+offline, one connection per read (harness/block/nbd.py).  The fault is on the
 copy-before-write's write to the target.
 
 break-guest-write (the default): the write whose copy fails gets the error and the
@@ -22,8 +22,8 @@ import errno
 
 import pytest
 
-from harness import nbd
-from harness.cbw import (CHUNK, GUEST_WRITES, NO_FAULT, ON_CBW_ERROR_VALUES, ORIGINAL,
+from harness.block import nbd
+from harness.scenarios.cbw import (CHUNK, GUEST_WRITES, NO_FAULT, ON_CBW_ERROR_VALUES, ORIGINAL,
                          UNTOUCHED, Fault, Layout, Observation, value_id)
 from iotests.expectations import assert_basics
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cbw import (NO_FAULT, ON_CBW_ERROR_VALUES, POLICY_CASE_IDS, POLICY_CASES, Fault,
+from harness.scenarios.cbw import (NO_FAULT, ON_CBW_ERROR_VALUES, POLICY_CASE_IDS, POLICY_CASES, Fault,
                          Layout, run, value_id)
 from iotests.expectations import (BREAKS_GUEST_WRITE, BROKEN_SNAPSHOT_ERROR, assert_basics,
                                   assert_completed_point_in_time,

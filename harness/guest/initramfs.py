@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..cache import cache_root
+from ..qemu.cache import cache_root
 from ..errors import ConfigError
 from .kernel import GuestKernel, ZstdFailed, zstd_decompress
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import debian
-from ..cache import apt_root, cache_root, locked
+from ..qemu import debian
+from ..qemu.cache import apt_root, cache_root, locked
 from ..errors import ConfigError, ProvisionError
 
 try:

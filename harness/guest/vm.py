@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..builds import QemuBuild
-from ..cbw import CHUNK, GUEST_WRITES, IMAGE_SIZE, NO_FAULT, ORIGINAL, UNTOUCHED, Fault, Layout
+from ..qemu.builds import QemuBuild
+from ..scenarios.cbw import CHUNK, GUEST_WRITES, IMAGE_SIZE, NO_FAULT, ORIGINAL, UNTOUCHED, Fault, Layout
 from ..errors import ConfigError, HarnessError, QEMUDied, WaitTimeout
-from ..images import Images
-from ..machine import Machine, QemuIoResult
+from ..block.images import Images
+from ..qemu.machine import Machine, QemuIoResult
 from .console import (IO_ERROR, GuestError, GuestOp, GuestReport, KernelMessage, Op, Read,
                       guest_cmdline, parse_console, qemu_guest_args)
 from .initramfs import DISK_MODULES, build_initramfs
@@ -340,7 +340,7 @@ class _Session:
                                     "filter-node-name": disk.node("cbw")}
             if disk.on_cbw_error is not None:
                 args["on-cbw-error"] = disk.on_cbw_error
-            self.vm.qmp("blockdev-backup", args)
+            self.vm.cmd("blockdev-backup", args)
 
     # ------------------------------------------------------------------ driving
     def _wait_ready(self, deadline: float) -> None:
@@ -380,7 +380,7 @@ class _Session:
             except WaitTimeout:
                 raise GuestError(f"the guest did not finish its plan within "
                                  f"{self.end_timeout:g} s (QEMU status "
-                                 f"{vm.qmp('query-status')['status']})", vm.console_text) from None
+                                 f"{vm.cmd('query-status')['status']})", vm.console_text) from None
             if event["event"] == "SHUTDOWN":
                 return event
             self._answer_stop(event)
@@ -389,7 +389,7 @@ class _Session:
         assert self.vm is not None
         run = self._run_of(error)
         self.vm.wait_event("STOP", after=error)
-        status = self.vm.qmp("query-status")["status"]
+        status = self.vm.cmd("query-status")["status"]
         answer = "cont"
         if len(run.stops) >= run.disk.stop_retries:
             if run.disk.layout is not Layout.BACKUP_SYNC_NONE or \
@@ -397,11 +397,11 @@ class _Session:
                 raise HarnessError(f"disk {run.disk.name}: still stopping after {len(run.stops)} "
                                    f"resumes, with no copy-before-write left to end: "
                                    f"{error['data']}")
-            self.vm.qmp("block-job-cancel", {"device": run.disk.job, "force": True})
+            self.vm.cmd("block-job-cancel", {"device": run.disk.job, "force": True})
             self.vm.wait_event("BLOCK_JOB_CANCELLED", {"device": run.disk.job})
             answer = "cancel-job+cont"
         run.stops.append(IoStop(run.disk.name, error["data"], status, answer))
-        self.vm.qmp("cont")
+        self.vm.cmd("cont")
 
     def _run_of(self, event: Mapping[str, Any]) -> DiskRun:
         """The disk a BLOCK_IO_ERROR is about: by qom-path, or where the event lacks it
@@ -428,8 +428,8 @@ class _Session:
     def _after_end(self) -> str:
         """Read what QMP can still tell once the guest is over; returns the run status."""
         assert self.vm is not None
-        status = self.vm.qmp("query-status")["status"]
-        jobs = {j["id"]: j["status"] for j in self.vm.qmp("query-jobs")}
+        status = self.vm.cmd("query-status")["status"]
+        jobs = {j["id"]: j["status"] for j in self.vm.cmd("query-jobs")}
         for run in self.runs.values():
             run.job_status = jobs.get(run.disk.job)
             if run.disk.layout is Layout.FLEECING:
@@ -446,7 +446,7 @@ class _Session:
         self.vm = vm = self.launch_vm(args, name=self.name, console=True)
         try:
             self._start_backups()
-            vm.qmp("cont")
+            vm.cmd("cont")
             self._wait_ready(t0 + self.ready_timeout)
             ready = time.monotonic()
             shutdown = self._wait_end(ready + self.end_timeout)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from harness import blkdebug
-from harness.blkdebug import (
+from harness.block import blkdebug
+from harness.block.blkdebug import (
     BlkdebugRules, InjectError, SetState, blkdebug_node, fail_always, fail_once, load,
     parse, render, validate,
 )

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import pytest
 
-from harness import debian
+from harness.qemu import debian
 from harness.errors import ConfigError, HarnessError, ProvisionError
 from harness.guest import console, initramfs, kernel
 from harness.guest.console import (Gate, GuestError, Read, Sleep, Write, format_ops, guest_cmdline,
@@ -465,7 +465,7 @@ def test_cached_kernel_needs_no_apt(tmp_path: Path, cache: Path,
 
 
 def test_lock_wait_is_bounded(tmp_path: Path) -> None:
-    from harness.cache import locked
+    from harness.qemu.cache import locked
     path = tmp_path / "x"
     with open(tmp_path / "x.lock", "a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import LaunchFailure, QEMUDied, QEMUUnresponsive, WaitTimeout
-from harness.machine import Machine
+from harness.qemu.machine import Machine
 
 pytestmark = pytest.mark.selftest
 
@@ -49,7 +49,7 @@ def test_sigstopped_qemu_is_reported_unresponsive_and_torn_down(launch_vm):
     vm.kill(signal.SIGSTOP)
     start = time.monotonic()
     with pytest.raises(QEMUUnresponsive) as info:
-        vm.qmp("query-status", timeout=1.5)
+        vm.cmd("query-status", timeout=1.5)
     assert time.monotonic() - start < 4
     assert "stopped answering" in str(info.value) and "stopped (SIGSTOP?)" in str(info.value)
     start = time.monotonic()
@@ -64,7 +64,7 @@ def test_event_wait_times_out_clearly_while_qemu_answers(launch_vm):
     with pytest.raises(WaitTimeout) as info:
         vm.wait_event("BLOCK_JOB_COMPLETED", {"device": "nothing"}, timeout=0.5)
     assert "QEMU still answers QMP" in str(info.value)
-    assert vm.qmp("query-status")["status"] == "running"
+    assert vm.cmd("query-status")["status"] == "running"
 
 
 def test_missing_binary_fails_launch_with_one_line(qemu_build, workdir):
@@ -84,7 +84,7 @@ def test_bad_command_line_reports_qemu_output(launch_vm):
 
 def test_harness_command_line_draws_no_warning_from_qemu(launch_vm):
     vm = launch_vm()
-    vm.qmp("query-status")
+    vm.cmd("query-status")
     vm.shutdown()
     assert vm.stderr_path.read_text() == "", "QEMU warned about the harness's command line"
 
@@ -94,13 +94,13 @@ def test_deep_workdir_beyond_socket_path_limit(qemu_build, workdir):
     while len(str(deep)) < 300:  # sun_path holds 108 bytes
         deep = deep / ("d" * 50)
     with Machine(qemu_build, deep) as vm:
-        assert vm.qmp("query-status")["running"]
+        assert vm.cmd("query-status")["running"]
 
 
 def test_events_are_kept_in_order_and_matched_partially(launch_vm):
     vm = launch_vm()
-    vm.qmp("stop")
-    vm.qmp("cont")
+    vm.cmd("stop")
+    vm.cmd("cont")
     resume = vm.wait_event("RESUME")
     stop = vm.wait_event("STOP")  # arrived first, still found: waits consume, not discard
     assert [e["event"] for e in vm.events] == ["STOP", "RESUME"]

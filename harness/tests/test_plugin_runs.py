@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds
+from harness.qemu import builds
 from harness.tests.test_machine import process_gone
 
 pytestmark = pytest.mark.selftest
@@ -85,10 +85,10 @@ def test_failed_test_keeps_artifacts_passing_test_leaves_nothing(tmp_path, qemu_
     source = """
 def test_fails(launch_vm):
     vm = launch_vm()
-    vm.qmp("stop")
-    assert vm.qmp("query-status")["status"] == "running"
+    vm.cmd("stop")
+    assert vm.cmd("query-status")["status"] == "running"
 def test_passes(launch_vm):
-    launch_vm().qmp("query-status")
+    launch_vm().cmd("query-status")
 """
     result = run_pytest(tmp_path, source, build=qemu_build)
     assert result.returncode == 1
@@ -108,7 +108,7 @@ def test_deep_tmpdir_run(tmp_path, qemu_build):
     while len(str(deep)) < 200:
         deep = deep / ("x" * 40)
     deep.mkdir(parents=True)
-    result = run_pytest(tmp_path, "def test_ok(launch_vm): assert launch_vm().qmp('query-status')",
+    result = run_pytest(tmp_path, "def test_ok(launch_vm): assert launch_vm().cmd('query-status')",
                         build=qemu_build, env={"TMPDIR": str(deep)})
     assert result.returncode == 0, result.stdout + result.stderr
 

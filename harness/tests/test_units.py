@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import builds
-from harness.debian import mirror_in
+from harness.qemu import builds
+from harness.qemu.debian import mirror_in
 from harness.errors import ConfigError, describe_exit
-from harness.machine import QemuIoResult, _sh_quote_relocatable, event_matches
-from harness.probe import Schema
-from harness.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
+from harness.qemu.machine import QemuIoResult, _sh_quote_relocatable, event_matches
+from harness.qemu.probe import Schema
+from harness.qemu.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
 
 MIRROR = "http://mirror.invalid/debian"
 
@@ -167,7 +167,7 @@ def test_reference_compare_and_version_specific_file(tmp_path):
 
 
 def test_not_a_debian_host_says_what_to_do(monkeypatch):
-    from harness import debian
+    from harness.qemu import debian
     from harness.errors import ProvisionError
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(ProvisionError) as info:

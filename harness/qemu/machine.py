@@ -34,7 +34,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from .builds import QemuBuild
 from .conversation import Conversation
-from .errors import (CommandFailed, LaunchFailure, QEMUDied, QEMUError, QEMUUnresponsive,
+from ..errors import (CommandFailed, LaunchFailure, QEMUDied, QEMUError, QEMUUnresponsive,
                      WaitTimeout, describe_exit)
 
 T = TypeVar("T")
@@ -126,7 +126,7 @@ class Machine:
     """A real ``qemu-system-x86_64`` with QMP, as a context manager.
 
     >>> with Machine(build, workdir, args=["-blockdev", "..."]) as vm:
-    ...     vm.qmp("blockdev-backup", {...})
+    ...     vm.cmd("blockdev-backup", {...})
     ...     vm.wait_event("BLOCK_JOB_COMPLETED", {"device": "job0"})
     """
 
@@ -390,28 +390,30 @@ class Machine:
         return "\n".join(out)
 
     # ------------------------------------------------------------------ QMP
-    def qmp(self, command: str, args: Mapping[str, Any] | None = None, *,
+    def cmd(self, command: str, args: Mapping[str, Any] | None = None, *,
             timeout: float | None = None) -> Any:
-        """Execute ``command``; return its ``return`` value or raise :class:`CommandFailed`."""
+        """Execute ``command``; return its ``return`` value or raise :class:`CommandFailed`
+        (as ``QEMUMachine.cmd()``)."""
         assert self._client is not None, "launch() first"
         try:
             return self._run(self._client.execute(command, dict(args) if args else None),
-                             timeout or self.command_timeout, f"QMP {command}")
+                             self.command_timeout if timeout is None else timeout,
+                             f"QMP {command}")
         except ExecuteError as exc:
             raise CommandFailed(command, dict(args or {}), exc.error.error.class_,
                                 exc.error.error.desc, cmdline=self.cmdline) from None
 
-    def qmp_error(self, command: str, args: Mapping[str, Any] | None = None) -> CommandFailed:
-        """Execute a command that must fail; return the error (AssertionError if it succeeds)."""
+    def qmp(self, command: str, args: Mapping[str, Any] | None = None, *,
+            timeout: float | None = None) -> dict[str, Any]:
+        """Execute ``command``; return the whole reply, ``{"return": ...}`` or
+        ``{"error": {"class": ..., "desc": ...}}`` (as ``QEMUMachine.qmp()``)."""
         try:
-            result = self.qmp(command, args)
+            return {"return": self.cmd(command, args, timeout=timeout)}
         except CommandFailed as exc:
-            return exc
-        raise AssertionError(f"QMP {command} {dict(args or {})} succeeded ({result!r}); "
-                             "an error was expected")
+            return {"error": {"class": exc.error_class, "desc": exc.desc}}
 
     def hmp(self, command_line: str) -> str:
-        return str(self.qmp("human-monitor-command", {"command-line": command_line}))
+        return str(self.cmd("human-monitor-command", {"command-line": command_line}))
 
     def qemu_io(self, target: str, command: str, *, device: bool = True) -> QemuIoResult:
         """Run ``qemu-io`` on a guest device (``-d``) or a node, as a guest would write.
@@ -475,7 +477,7 @@ class Machine:
                     return value
                 self._changed.clear()
                 await self._changed.wait()
-        return self._run(watch(), timeout or self.event_timeout, what, waiting=True)
+        return self._run(watch(), self.event_timeout if timeout is None else timeout, what, waiting=True)
 
     def console_write(self, data: bytes) -> None:
         """Send ``data`` to the guest's serial line."""
@@ -513,7 +515,7 @@ class Machine:
         want = f"event {name}" + (f" {dict(data)}" if data else "")
         return self._run(self._wait_for(lambda e: event_matches(e, name, data),
                                         self._index_after(after)),
-                         timeout or self.event_timeout, want, waiting=True)
+                         self.event_timeout if timeout is None else timeout, want, waiting=True)
 
     def _index_after(self, event: Mapping[str, Any] | None) -> int:
         if event is None:
@@ -528,7 +530,7 @@ class Machine:
         """The earliest unconsumed event matching any of ``(name, data)``."""
         want = " or ".join(f"event {n}" + (f" {dict(d)}" if d else "") for n, d in wanted)
         return self._run(self._wait_for(lambda e: any(event_matches(e, n, d) for n, d in wanted)),
-                         timeout or self.event_timeout, want, waiting=True)
+                         self.event_timeout if timeout is None else timeout, want, waiting=True)
 
     async def _wait_for(self, pred: Callable[[dict[str, Any]], bool],
                         start: int = 0) -> dict[str, Any]:

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 import pytest
 
-from . import builds, probe
-from .conversation import render
-from .errors import HarnessError, MissingCapability
-from .images import Images
-from .machine import Machine
-from .transcript import Transcript, compare, reference_path
+from ..qemu import builds, probe
+from ..qemu.conversation import render
+from ..errors import HarnessError, MissingCapability
+from ..block.images import Images
+from ..qemu.machine import Machine
+from ..qemu.transcript import Transcript, compare, reference_path
 
 if TYPE_CHECKING:
-    from .guest.vm import GuestImage
+    from ..guest.vm import GuestImage
 
 _live_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()
 _ARTIFACTS_MARK = ".cbw-artifacts"
@@ -352,8 +352,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
 def guest_image(pytestconfig: pytest.Config) -> GuestImage:
     """The guest's kernel, busybox and initramfs (:class:`harness.guest.GuestImage`), made
     once per session; built files are cached on disk, so xdist workers share them."""
-    from .errors import ConfigError
-    from .guest.vm import GuestImage  # noqa: F811 (imported here: plugin start-up stays lean)
+    from ..errors import ConfigError
+    from ..guest.vm import GuestImage  # noqa: F811 (imported here: plugin start-up stays lean)
     kernel = pytestconfig.getoption("guest_kernel")
     modules = pytestconfig.getoption("guest_modules")
     try:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import CommandFailed
+from ..errors import CommandFailed
 
 Filter = Callable[[str], str]
 
@@ -57,18 +57,18 @@ class Transcript:
         text = item if isinstance(item, str) else json.dumps(item, sort_keys=True)
         self.lines.append(self._apply(text))
 
-    def qmp(self, command: str, args: Mapping[str, Any] | None, reply: Any) -> None:
+    def command(self, command: str, args: Mapping[str, Any] | None, reply: Any) -> None:
         self.log({"execute": command, **({"arguments": dict(args)} if args else {})})
         self.log(reply if isinstance(reply, dict) and "error" in reply else {"return": reply})
 
     def execute(self, vm: Any, command: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run ``vm.qmp(command, args)`` and log the command with its reply or error."""
+        """Run ``vm.cmd(command, args)`` and log the command with its reply or error."""
         try:
-            reply = vm.qmp(command, args)
+            reply = vm.cmd(command, args)
         except CommandFailed as exc:
-            self.qmp(command, args, {"error": {"class": exc.error_class, "desc": exc.desc}})
+            self.command(command, args, {"error": {"class": exc.error_class, "desc": exc.desc}})
             raise
-        self.qmp(command, args, reply)
+        self.command(command, args, reply)
         return reply
 
     def event(self, event: Mapping[str, Any]) -> None:

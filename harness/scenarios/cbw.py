@@ -27,11 +27,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
-from .blkdebug import BlkdebugRules, InjectError, blkdebug_node, load
-from .errors import ConfigError, QEMUUnresponsive
-from .images import Images
-from .machine import Machine, QemuIoResult
-from .transcript import Transcript, path_filter
+from ..block.blkdebug import BlkdebugRules, InjectError, blkdebug_node, load
+from ..errors import ConfigError, QEMUUnresponsive
+from ..block.images import Images
+from ..qemu.machine import Machine, QemuIoResult
+from ..qemu.transcript import Transcript, path_filter
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -335,10 +335,10 @@ class Scenario:
                 cbw["on-cbw-error"] = self.on_cbw_error
             if self.cbw_timeout is not None:
                 cbw["cbw-timeout"] = self.cbw_timeout
-            self.qmp("blockdev-add", cbw)
-            self.qmp("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
+            self.cmd("blockdev-add", cbw)
+            self.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
                                       "file": "cbw"})
-            self.qmp("device_add", self._device("cbw"))
+            self.cmd("device_add", self._device("cbw"))
         if self.layout is not Layout.FLEECING:
             self.start_backup()
         return self.vm
@@ -363,10 +363,10 @@ class Scenario:
         return args
 
     def start_backup(self) -> None:
-        self.qmp("blockdev-backup", self.backup_args())
+        self.cmd("blockdev-backup", self.backup_args())
 
     # -------------------------------------------------------------- steps
-    def qmp(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+    def cmd(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
         assert self.vm is not None
         return self.transcript.execute(self.vm, command, args)
 
@@ -396,7 +396,7 @@ class Scenario:
         return result
 
     def release_brake(self) -> None:
-        self.qmp("block-job-set-speed", {"device": JOB, "speed": self.release_speed})
+        self.cmd("block-job-set-speed", {"device": JOB, "speed": self.release_speed})
 
     def finish_job(self, *, ignore_errors_before_cancel: int = 3) -> JobOutcome:
         """Let the job run to its end, following its error policy; bounded throughout.
@@ -453,7 +453,7 @@ class Scenario:
                         self._cancel(outcome)
                         return
                     outcome.paused_on_error = resumed = True
-                    self.qmp("block-job-resume", {"device": JOB})
+                    self.cmd("block-job-resume", {"device": JOB})
                 elif action == "ignore" and errors_seen >= ignores:
                     self._cancel(outcome)
                     return
@@ -464,12 +464,12 @@ class Scenario:
     def job_status(self) -> str | None:
         """The job's status as ``query-jobs`` has it (None once it is gone)."""
         assert self.vm is not None
-        status = next((j["status"] for j in self.vm.qmp("query-jobs") if j["id"] == JOB), None)
+        status = next((j["status"] for j in self.vm.cmd("query-jobs") if j["id"] == JOB), None)
         self.transcript.log(f"job status: {status or 'gone'}")
         return status
 
     def _cancel(self, outcome: JobOutcome) -> None:
-        self.qmp("block-job-cancel", {"device": JOB, "force": True})
+        self.cmd("block-job-cancel", {"device": JOB, "force": True})
         self._await_end(outcome)
 
     def _await_end(self, outcome: JobOutcome) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .builds import QemuBuild
-from .errors import ConfigError, HarnessError, MissingCapability
+from ..errors import ConfigError, HarnessError, MissingCapability
 
 
 class Schema:
@@ -218,8 +218,8 @@ def probe(build: QemuBuild) -> BuildInfo:
         vm = Machine(build, Path(tmp), name="probe", machine_type="none")
         try:
             vm.launch()
-            schema = vm.qmp("query-qmp-schema")
-            version = vm.qmp("query-version")
+            schema = vm.cmd("query-qmp-schema")
+            version = vm.cmd("query-version")
         except HarnessError as exc:
             raise ConfigError(f"{build.qemu_system} failed its probe: {exc}") from None
         finally:

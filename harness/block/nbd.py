@@ -16,9 +16,9 @@ import secrets
 from typing import Any
 
 from .images import Images
-from .machine import Machine, QemuIoResult
-from .probe import BuildInfo
-from .transcript import Transcript
+from ..qemu.machine import Machine, QemuIoResult
+from ..qemu.probe import BuildInfo
+from ..qemu.transcript import Transcript
 
 CAPABILITY = ("'nbd.abstract-unix-socket': an NBD server (nbd-server-start, with "
               "block-export-add or nbd-server-add) and client (the nbd block driver) on an "

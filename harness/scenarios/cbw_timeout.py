@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .cbw import DEVICE, NEW, ORIGINAL, value_id
-from .images import Images
-from .machine import COMMAND_TIMEOUT, Machine, QemuIoResult
-from .transcript import Transcript, path_filter
+from ..block.images import Images
+from ..qemu.machine import COMMAND_TIMEOUT, Machine, QemuIoResult
+from ..qemu.transcript import Transcript, path_filter
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -262,19 +262,19 @@ class TimeoutFleecing:
         self.transcript.log(f"=== fleecing, throttled target, on-cbw-error="
                             f"{value_id(self.on_cbw_error)}, {timeout}; sizes planned for "
                             f"{self.plan.timeout} s: {self.plan.describe()} ===")
-        self.qmp("object-add", {"qom-type": "throttle-group", "id": "tg0",
+        self.cmd("object-add", {"qom-type": "throttle-group", "id": "tg0",
                                 "limits": {"bps-write": self.plan.rate}})
-        self.qmp("blockdev-add", {"driver": "throttle", "node-name": "throttled-target",
+        self.cmd("blockdev-add", {"driver": "throttle", "node-name": "throttled-target",
                                   "throttle-group": "tg0", "file": "target"})
-        self.qmp("blockdev-add", self.cbw_options())
-        self.qmp("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
+        self.cmd("blockdev-add", self.cbw_options())
+        self.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
                                   "file": "cbw"})
-        self.qmp("device_add", {"driver": "scsi-hd", "drive": "cbw", "id": DEVICE})
+        self.cmd("device_add", {"driver": "scsi-hd", "drive": "cbw", "id": DEVICE})
         assert self.vm is not None
         return self.vm
 
     # ------------------------------------------------------------ steps
-    def qmp(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+    def cmd(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
         assert self.vm is not None
         return self.transcript.execute(self.vm, command, args)
 
@@ -304,7 +304,7 @@ class TimeoutFleecing:
 
     def lift_throttle(self) -> None:
         """Remove the limit: background copies that outlived their timeout can finish."""
-        self.qmp("qom-set", {"path": "tg0", "property": "limits",
+        self.cmd("qom-set", {"path": "tg0", "property": "limits",
                              "value": {"bps-write": 0}})
 
     def stop(self) -> None:

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from . import debian
 from .cache import apt_root, cache_root, locked
-from .errors import ConfigError, ProvisionError
+from ..errors import ConfigError, ProvisionError
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _write_wrappers(top: Path) -> None:
         libpath = ":".join(f'"$P/{d.relative_to(prefix)}"' for d in libdirs)
         script = (
             "#!/bin/sh\n"
-            "# Runs Debian's binary through its own loader and libraries (see harness/builds.py).\n"
+            "# Runs Debian's binary through its own loader and libraries (see harness/qemu/builds.py).\n"
             'P="$(cd "$(dirname "$0")/../prefix" && pwd)"\n'
             f'exec "$P/{loader.relative_to(prefix)}" --library-path {libpath} '
             f'--argv0 {tool} "$P/usr/bin/{tool}" "$@"\n')

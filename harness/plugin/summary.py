@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .probe import BuildInfo
+from ..qemu.probe import BuildInfo
 
 COLUMNS = ("scenario", "on-cbw-error", "guest write", "job", "data", "outcome")
 

@@ -51,7 +51,7 @@ from errno import EIO
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "IOTYPES", "INJECT_ERROR_KEYS", "SET_STATE_KEYS",

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from .builds import QemuBuild
-from .errors import HarnessError
-from .machine import QemuIoResult
+from ..qemu.builds import QemuBuild
+from ..errors import HarnessError
+from ..qemu.machine import QemuIoResult
 
 TOOL_TIMEOUT = 60.0
 

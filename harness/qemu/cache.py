@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import ProvisionError
+from ..errors import ProvisionError
 
 if TYPE_CHECKING:
     from .debian import Suite

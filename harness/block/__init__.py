@@ -1,0 +1,1 @@
+"""Block graphs: blkdebug rules, images offline, the NBD export."""

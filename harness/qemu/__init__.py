@@ -1,0 +1,1 @@
+"""One QEMU process and its QMP; which binaries are under test and what they can do."""
