@@ -9,13 +9,18 @@ PYTEST_ARGS ?=
 QEMU_RELEASE ?= $(or $(CBW_QEMU_RELEASE),11.1)
 export CBW_QEMU_RELEASE := $(QEMU_RELEASE)
 
-.PHONY: run check setup provision bench clean
+.PHONY: run check lint setup provision bench clean
 
 run: provision
 	$(PY) -m pytest iotests -n $(JOBS) $(PYTEST_ARGS)
 
 check: provision
 	$(PY) -m pytest harness/tests iotests -n $(JOBS) $(PYTEST_ARGS)
+
+# Static checks, pinned in pyproject.toml (dev extra).
+lint: setup
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
 
 bench: provision
 	$(PY) bench/run.py
@@ -27,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "python3 -m venv failed: installing Debian's python3-venv"; \
 	  rm -rf $(VENV); apt-get update -qq && apt-get install -y -qq python3-venv && \
 	  $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install -q --disable-pip-version-check -e .
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $@
 
 # Fetch the default QEMU release and the guest kernel (cached; instant when present).

@@ -26,14 +26,14 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness import builds  # noqa: E402
-from harness.qemu.machine import Machine, supports_monitor_object  # noqa: E402
+from harness import builds
+from harness.qemu.machine import Machine, supports_monitor_object
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -107,8 +107,8 @@ def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
 
 
 def scenario_runner(build: builds.QemuBuild, folder: Path, name: str) -> Callable[[], None]:
-    from harness.scenarios import cbw
     from harness.block.images import Images
+    from harness.scenarios import cbw
 
     layout = cbw.Layout(name)
 

@@ -6,7 +6,7 @@ Errors about a QEMU process also carry what is needed to reproduce it by hand.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class HarnessError(Exception):

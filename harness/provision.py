@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .qemu import builds
 from .errors import HarnessError
+from .qemu import builds
 
 
 def main(argv: list[str] | None = None) -> int:

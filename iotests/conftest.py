@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from harness.scenarios.cbw import Observation, Scenario
+from harness.scenarios.cbw import Scenario
 
 
 @pytest.fixture

@@ -12,15 +12,26 @@ fires no BLOCK_JOB_ERROR, and the job re-copies the region itself.
 
 from __future__ import annotations
 
-import errno
-
 import pytest
 
-from harness.scenarios.cbw import (NO_FAULT, ON_CBW_ERROR_VALUES, POLICY_CASE_IDS, POLICY_CASES, Fault,
-                         Layout, run, value_id)
-from iotests.expectations import (BREAKS_GUEST_WRITE, assert_basics,
-                                  assert_completed_point_in_time,
-                                  assert_success_means_point_in_time, errno_text, expected_action)
+from harness.scenarios.cbw import (
+    NO_FAULT,
+    ON_CBW_ERROR_VALUES,
+    POLICY_CASE_IDS,
+    POLICY_CASES,
+    Fault,
+    Layout,
+    run,
+    value_id,
+)
+from iotests.expectations import (
+    BREAKS_GUEST_WRITE,
+    assert_basics,
+    assert_completed_point_in_time,
+    assert_success_means_point_in_time,
+    errno_text,
+    expected_action,
+)
 
 pytestmark = pytest.mark.requires("blockdev-backup.on-cbw-error", "blockdev-backup.x-perf")
 

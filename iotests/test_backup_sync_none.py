@@ -20,11 +20,25 @@ import errno
 
 import pytest
 
-from harness.scenarios.cbw import (GUEST_WRITES, NO_FAULT, ON_CBW_ERROR_VALUES, POLICY_CASE_IDS,
-                         POLICY_CASES, Fault, Layout, run, value_id)
-from iotests.expectations import (BREAKS_GUEST_WRITE, assert_basics, assert_fault_fired,
-                                  assert_source_data, assert_success_means_point_in_time,
-                                  errno_text)
+from harness.scenarios.cbw import (
+    GUEST_WRITES,
+    NO_FAULT,
+    ON_CBW_ERROR_VALUES,
+    POLICY_CASE_IDS,
+    POLICY_CASES,
+    Fault,
+    Layout,
+    run,
+    value_id,
+)
+from iotests.expectations import (
+    BREAKS_GUEST_WRITE,
+    assert_basics,
+    assert_fault_fired,
+    assert_source_data,
+    assert_success_means_point_in_time,
+    errno_text,
+)
 
 pytestmark = pytest.mark.requires("blockdev-backup.on-cbw-error")
 

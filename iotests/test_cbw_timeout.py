@@ -28,13 +28,22 @@ from __future__ import annotations
 import errno
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
-from harness.scenarios.cbw_timeout import (REGION_A, REGION_B, REGION_C, REGION_U, MiB, TimeoutFleecing,
-                                 TimeoutPlan, TimedWrite, Timing)
 from harness.errors import CommandFailed
+from harness.scenarios.cbw_timeout import (
+    REGION_A,
+    REGION_B,
+    REGION_C,
+    REGION_U,
+    MiB,
+    TimedWrite,
+    TimeoutFleecing,
+    TimeoutPlan,
+    Timing,
+)
 from iotests.expectations import BREAKS_GUEST_WRITE
 
 pytestmark = pytest.mark.requires("copy-before-write.cbw-timeout", "snapshot-access",

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from harness.block import blkdebug
-from harness.scenarios.cbw import NO_FAULT, ON_CBW_ERROR_VALUES, Fault, Layout, run, value_id
 from harness.errors import ConfigError
 from harness.qemu.transcript import path_filter
+from harness.scenarios.cbw import NO_FAULT, ON_CBW_ERROR_VALUES, Fault, Layout, run, value_id
 from iotests.expectations import assert_basics, assert_fault_fired
 
 pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")

@@ -36,11 +36,27 @@ from pathlib import Path
 
 import pytest
 
-from harness.scenarios.cbw import (CHUNK, GUEST_WRITES, NEW, ORIGINAL, UNTOUCHED, Fault, Layout,
-                         value_id)
-from harness.guest import (DiskRun, GuestDisk, GuestOp, GuestRun, Read, Write, guest_devices,
-                           run_guest)
 from harness.block.images import Images
+from harness.guest import (
+    DiskRun,
+    GuestDisk,
+    GuestOp,
+    GuestRun,
+    Read,
+    Write,
+    guest_devices,
+    run_guest,
+)
+from harness.scenarios.cbw import (
+    CHUNK,
+    GUEST_WRITES,
+    NEW,
+    ORIGINAL,
+    UNTOUCHED,
+    Fault,
+    Layout,
+    value_id,
+)
 from iotests.expectations import BREAKS_GUEST_WRITE, BROKEN_SNAPSHOT_ERROR, errno_text
 
 pytestmark = pytest.mark.guest

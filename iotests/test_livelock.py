@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.scenarios.cbw import CRUISE_SPEED, Fault, Layout, run
 from harness.errors import QEMUUnresponsive
+from harness.scenarios.cbw import CRUISE_SPEED, Fault, Layout, run
 from iotests.expectations import assert_basics, assert_success_means_point_in_time
 
 pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access",

@@ -23,8 +23,18 @@ import errno
 import pytest
 
 from harness.block import nbd
-from harness.scenarios.cbw import (CHUNK, GUEST_WRITES, NO_FAULT, ON_CBW_ERROR_VALUES, ORIGINAL,
-                         UNTOUCHED, Fault, Layout, Observation, value_id)
+from harness.scenarios.cbw import (
+    CHUNK,
+    GUEST_WRITES,
+    NO_FAULT,
+    ON_CBW_ERROR_VALUES,
+    ORIGINAL,
+    UNTOUCHED,
+    Fault,
+    Layout,
+    Observation,
+    value_id,
+)
 from iotests.expectations import assert_basics
 
 pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")

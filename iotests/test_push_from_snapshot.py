@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import pytest
 
-from harness.scenarios.cbw import (NO_FAULT, ON_CBW_ERROR_VALUES, POLICY_CASE_IDS, POLICY_CASES, Fault,
-                         Layout, run, value_id)
-from iotests.expectations import (BREAKS_GUEST_WRITE, BROKEN_SNAPSHOT_ERROR, assert_basics,
-                                  assert_completed_point_in_time,
-                                  assert_success_means_point_in_time, breaks_snapshot,
-                                  errno_text, expected_action)
+from harness.scenarios.cbw import (
+    NO_FAULT,
+    ON_CBW_ERROR_VALUES,
+    POLICY_CASE_IDS,
+    POLICY_CASES,
+    Fault,
+    Layout,
+    run,
+    value_id,
+)
+from iotests.expectations import (
+    BREAKS_GUEST_WRITE,
+    BROKEN_SNAPSHOT_ERROR,
+    assert_basics,
+    assert_completed_point_in_time,
+    assert_success_means_point_in_time,
+    breaks_snapshot,
+    errno_text,
+    expected_action,
+)
 
 pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access",
                                   "blockdev-backup.x-perf")

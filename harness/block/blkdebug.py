@@ -45,18 +45,29 @@ What QEMU accepts, checked against QEMU's ``block/blkdebug.c`` and on Debian's 7
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from errno import EIO
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 
 __all__ = [
-    "IOTYPES", "INJECT_ERROR_KEYS", "SET_STATE_KEYS",
-    "InjectError", "SetState", "BlkdebugRules",
-    "fail_once", "fail_always", "parse", "load", "render", "validate", "blkdebug_node",
+    "INJECT_ERROR_KEYS",
+    "IOTYPES",
+    "SET_STATE_KEYS",
+    "BlkdebugRules",
+    "InjectError",
+    "SetState",
+    "blkdebug_node",
+    "fail_always",
+    "fail_once",
+    "load",
+    "parse",
+    "render",
+    "validate",
 ]
 
 # QAPI BlkdebugIOType.  Fixed here because the loader must check iotype without a

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from ..qemu.builds import QemuBuild
 from ..errors import HarnessError
+from ..qemu.builds import QemuBuild
 from ..qemu.machine import QemuIoResult
 
 TOOL_TIMEOUT = 60.0

@@ -15,10 +15,10 @@ import os
 import secrets
 from typing import Any
 
-from .images import Images
 from ..qemu.machine import Machine, QemuIoResult
 from ..qemu.probe import BuildInfo
 from ..qemu.transcript import Transcript
+from .images import Images
 
 CAPABILITY = ("'nbd.abstract-unix-socket': an NBD server (nbd-server-start, with "
               "block-export-add or nbd-server-add) and client (the nbd block driver) on an "

@@ -16,13 +16,37 @@ back into typed results.  Typical use::
 guest on :class:`GuestDisk` s and returns a :class:`GuestRun`.
 """
 
-from .console import (GATE_REPLY, Gate, GuestError, GuestOp, GuestReport, KernelMessage, Op, Read,
-                      Sleep, Write, disk_args, format_ops, guest_cmdline, parse_console, parse_ops,
-                      pattern_md5, qemu_guest_args)
+from .console import (
+                      GATE_REPLY,
+                      Gate,
+                      GuestError,
+                      GuestOp,
+                      GuestReport,
+                      KernelMessage,
+                      Op,
+                      Read,
+                      Sleep,
+                      Write,
+                      disk_args,
+                      format_ops,
+                      guest_cmdline,
+                      parse_console,
+                      parse_ops,
+                      pattern_md5,
+                      qemu_guest_args,
+)
 from .initramfs import DISK_MODULES, build_initramfs
 from .kernel import GuestKernel, busybox_static, provision_kernel
-from .vm import (DiskRun, GuestDisk, GuestImage, GuestRun, IoStop, bench_boot, guest_devices,
-                 run_guest)
+from .vm import (
+                      DiskRun,
+                      GuestDisk,
+                      GuestImage,
+                      GuestRun,
+                      IoStop,
+                      bench_boot,
+                      guest_devices,
+                      run_guest,
+)
 
 __all__ = [
     "DISK_MODULES", "GATE_REPLY", "DiskRun", "Gate", "GuestDisk", "GuestError", "GuestImage",

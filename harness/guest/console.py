@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Literal, Union
 
 from ..errors import ConfigError, HarnessError
 from .kernel import GuestKernel

@@ -16,12 +16,12 @@ import lzma
 import os
 import stat
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from ..qemu.cache import cache_root
 from ..errors import ConfigError
+from ..qemu.cache import cache_root
 from .kernel import GuestKernel, ZstdFailed, zstd_decompress
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")

@@ -21,13 +21,14 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ..errors import ConfigError, ProvisionError
 from ..qemu import debian
 from ..qemu.cache import apt_root, cache_root, locked
-from ..errors import ConfigError, ProvisionError
 
 try:
     import zstandard as _zstandard

@@ -38,17 +38,37 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from ..qemu.builds import QemuBuild
-from ..scenarios.cbw import CHUNK, GUEST_WRITES, IMAGE_SIZE, NO_FAULT, ORIGINAL, UNTOUCHED, Fault, Layout
-from ..errors import ConfigError, HarnessError, QEMUDied, WaitTimeout
 from ..block.images import Images
+from ..errors import ConfigError, HarnessError, QEMUDied, WaitTimeout
+from ..qemu.builds import QemuBuild
 from ..qemu.machine import Machine, QemuIoResult
-from .console import (IO_ERROR, GuestError, GuestOp, GuestReport, KernelMessage, Op, Read,
-                      guest_cmdline, parse_console, qemu_guest_args)
+from ..scenarios.cbw import (
+    CHUNK,
+    GUEST_WRITES,
+    IMAGE_SIZE,
+    NO_FAULT,
+    ORIGINAL,
+    UNTOUCHED,
+    Fault,
+    Layout,
+)
+from .console import (
+    IO_ERROR,
+    GuestError,
+    GuestOp,
+    GuestReport,
+    KernelMessage,
+    Op,
+    Read,
+    guest_cmdline,
+    parse_console,
+    qemu_guest_args,
+)
 from .initramfs import DISK_MODULES, build_initramfs
 from .kernel import GuestKernel, busybox_static, provision_kernel
 

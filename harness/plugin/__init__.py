@@ -14,22 +14,23 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ..block.images import Images
+from ..errors import HarnessError, MissingCapability
 from ..qemu import builds, probe
 from ..qemu.conversation import render
-from ..errors import HarnessError, MissingCapability
-from ..block.images import Images
 from ..qemu.machine import Machine
 from ..qemu.transcript import Transcript, compare, reference_path
 
 if TYPE_CHECKING:
     from ..guest.vm import GuestImage
 
-_live_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_live_machines: weakref.WeakSet[Machine] = weakref.WeakSet()
 _ARTIFACTS_MARK = ".cbw-artifacts"
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 _workdir_key = pytest.StashKey[Path]()
@@ -353,7 +354,7 @@ def guest_image(pytestconfig: pytest.Config) -> GuestImage:
     """The guest's kernel, busybox and initramfs (:class:`harness.guest.GuestImage`), made
     once per session; built files are cached on disk, so xdist workers share them."""
     from ..errors import ConfigError
-    from ..guest.vm import GuestImage  # noqa: F811 (imported here: plugin start-up stays lean)
+    from ..guest.vm import GuestImage
     kernel = pytestconfig.getoption("guest_kernel")
     modules = pytestconfig.getoption("guest_modules")
     try:

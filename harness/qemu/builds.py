@@ -13,13 +13,13 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
+from ..errors import ConfigError, ProvisionError
 from . import debian
 from .cache import apt_root, cache_root, locked
-from ..errors import ConfigError, ProvisionError
 
 
 @dataclass(frozen=True)

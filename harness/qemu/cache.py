@@ -7,8 +7,9 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import ProvisionError
 
@@ -28,7 +29,7 @@ def cache_root() -> Path:
     return Path(xdg) / "cbw-harness"
 
 
-def apt_root(suite: "Suite") -> Path:
+def apt_root(suite: Suite) -> Path:
     """The private apt directory of a suite set, shared by everything fetched from it."""
     return cache_root() / "apt" / "-".join(suite.suites)
 

@@ -25,17 +25,25 @@ import signal
 import socket
 import subprocess
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
 from qemu.qmp.qmp_client import ExecuteError
 
+from ..errors import (
+    CommandFailed,
+    LaunchFailure,
+    QEMUDied,
+    QEMUError,
+    QEMUUnresponsive,
+    WaitTimeout,
+    describe_exit,
+)
 from .builds import QemuBuild
 from .conversation import Conversation
-from ..errors import (CommandFailed, LaunchFailure, QEMUDied, QEMUError, QEMUUnresponsive,
-                     WaitTimeout, describe_exit)
 
 T = TypeVar("T")
 
@@ -53,7 +61,7 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def supports_monitor_object(qemu_system: str) -> bool:
     """True if the build has ``-object monitor-qmp`` (``-mon`` is deprecated from 11.1)."""
     try:
@@ -206,7 +214,7 @@ class Machine:
         return [str(self.build.qemu_system), "-nodefaults", "-display", "none",
                 "-machine", self.machine_type, "-accel", self.accel]
 
-    def launch(self) -> "Machine":
+    def launch(self) -> Machine:
         """Start QEMU and complete the QMP handshake, or raise :class:`LaunchFailure`."""
         if self._proc is not None:
             raise RuntimeError("launch() called twice")
@@ -635,7 +643,7 @@ class Machine:
     def killed_by_harness(self) -> bool:
         return self._killed_by_harness
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         return self.launch()
 
     def __exit__(self, *exc_info: object) -> None:

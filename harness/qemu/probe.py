@@ -10,12 +10,13 @@ import json
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from .builds import QemuBuild
 from ..errors import ConfigError, HarnessError, MissingCapability
+from .builds import QemuBuild
 
 
 class Schema:
@@ -113,10 +114,10 @@ class Schema:
 class Capability:
     name: str
     description: str
-    check: Callable[["BuildInfo"], bool]
+    check: Callable[[BuildInfo], bool]
 
 
-def _cap(name: str, description: str, check: Callable[["BuildInfo"], bool]) -> Capability:
+def _cap(name: str, description: str, check: Callable[[BuildInfo], bool]) -> Capability:
     return Capability(name, description, check)
 
 
@@ -179,7 +180,7 @@ class BuildInfo:
                 "tool_versions": self.tool_versions}
 
     @classmethod
-    def from_json(cls, build: QemuBuild, data: dict[str, Any]) -> "BuildInfo":
+    def from_json(cls, build: QemuBuild, data: dict[str, Any]) -> BuildInfo:
         return cls(build, data["version"], data["package"], data["accelerators"],
                    Schema(data["schema"]), data.get("tool_versions", {}))
 

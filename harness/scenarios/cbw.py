@@ -22,14 +22,15 @@ from __future__ import annotations
 import errno as errno_mod
 import json
 import shutil
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
 
 from ..block.blkdebug import BlkdebugRules, InjectError, blkdebug_node, load
-from ..errors import ConfigError, QEMUUnresponsive
 from ..block.images import Images
+from ..errors import ConfigError, QEMUUnresponsive
 from ..qemu.machine import Machine, QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
 

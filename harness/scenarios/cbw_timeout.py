@@ -46,14 +46,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from .cbw import DEVICE, NEW, ORIGINAL, value_id
 from ..block.images import Images
 from ..qemu.machine import COMMAND_TIMEOUT, Machine, QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
+from .cbw import DEVICE, NEW, ORIGINAL, value_id
 
 KiB = 1024
 MiB = 1024 * KiB

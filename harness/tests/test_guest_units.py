@@ -9,19 +9,29 @@ import shutil
 import stat
 import struct
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 
-from harness.qemu import debian
 from harness.errors import ConfigError, HarnessError, ProvisionError
 from harness.guest import console, initramfs, kernel
-from harness.guest.console import (Gate, GuestError, Read, Sleep, Write, format_ops, guest_cmdline,
-                                   parse_console, parse_ops, pattern_md5, qemu_guest_args)
-from harness.guest.initramfs import (NewcWriter, build_initramfs, modinfo, module_depends,
-                                     read_newc)
+from harness.guest.console import (
+    Gate,
+    GuestError,
+    Read,
+    Sleep,
+    Write,
+    format_ops,
+    guest_cmdline,
+    parse_console,
+    parse_ops,
+    pattern_md5,
+    qemu_guest_args,
+)
+from harness.guest.initramfs import NewcWriter, build_initramfs, modinfo, module_depends, read_newc
 from harness.guest.kernel import GuestKernel
+from harness.qemu import debian
 
 # ----------------------------------------------------------------- synthetic files
 

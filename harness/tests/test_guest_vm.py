@@ -10,14 +10,12 @@ import shutil
 
 import pytest
 
-from harness.scenarios.cbw import Fault, Layout
 from harness.errors import ConfigError
-from harness.guest import GuestDisk, GuestError, GuestImage, Read, guest_devices, run_guest
-from harness.guest import kernel
+from harness.guest import GuestDisk, GuestError, GuestImage, Read, guest_devices, kernel, run_guest
 from harness.qemu.machine import Machine
+from harness.scenarios.cbw import Fault, Layout
 from harness.tests.test_guest_units import cache, fake_kernel, make_bzimage, make_elf  # noqa: F401
 from harness.tests.test_plugin_runs import run_pytest
-
 
 # ------------------------------------------------------------------------ disks
 

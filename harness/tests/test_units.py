@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from harness.errors import ConfigError, describe_exit
 from harness.qemu import builds
 from harness.qemu.debian import mirror_in
-from harness.errors import ConfigError, describe_exit
 from harness.qemu.machine import QemuIoResult, _sh_quote_relocatable, event_matches
 from harness.qemu.probe import Schema
 from harness.qemu.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
@@ -167,8 +166,8 @@ def test_reference_compare_and_version_specific_file(tmp_path):
 
 
 def test_not_a_debian_host_says_what_to_do(monkeypatch):
-    from harness.qemu import debian
     from harness.errors import ProvisionError
+    from harness.qemu import debian
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(ProvisionError) as info:
         debian.host_mirror()
