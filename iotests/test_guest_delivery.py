@@ -107,17 +107,11 @@ def region(images: Images, path: Path, offset: int) -> str:
     return "mixed"
 
 
-def event_members(build_info, event: str) -> set[str]:
-    """The data members the build's schema declares for ``event``."""
-    by_name = {e["name"]: e for e in build_info.schema.entries}
-    return {m["name"] for m in by_name[by_name[event]["arg-type"]].get("members", [])}
-
-
 @pytest.fixture
 def boot(launch_vm, images, guest_image, summary_row, build_info):
     """``boot(*disks)``: one guest on these disks running the standard plan; each disk
     becomes a row of the run's summary table."""
-    names_device = "qom-path" in event_members(build_info, "BLOCK_IO_ERROR")  # not in 7.2
+    names_device = build_info.has("event.BLOCK_IO_ERROR.qom-path")  # not in 7.2
 
     def run(*disks: GuestDisk) -> GuestRun:
         result = run_guest(launch_vm, images, guest_image, list(disks), standard_plan(list(disks)))

@@ -37,7 +37,8 @@ from harness.scenarios.cbw import (
 )
 from iotests.expectations import assert_basics
 
-pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")
+pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access",
+                                  "nbd.abstract-unix-socket")
 
 VALUES = pytest.mark.parametrize("on_cbw_error", ON_CBW_ERROR_VALUES, ids=value_id)
 NBD_BROKEN_SNAPSHOT_ERROR = errno.EINVAL  # EACCES, as the NBD server sends it
@@ -46,10 +47,6 @@ NBD_BROKEN_SNAPSHOT_ERROR = errno.EINVAL  # EACCES, as the NBD server sends it
 @pytest.fixture
 def over_nbd(scenario, images, build_info):
     """``over_nbd(on_cbw_error, fault)``: the fleecing run with the snapshot read over NBD."""
-    reason = nbd.missing_capability(build_info)
-    if reason:
-        pytest.skip(reason)
-
     def run(on_cbw_error: str | None, fault: Fault) -> Observation:
         s = scenario(layout=Layout.FLEECING, on_cbw_error=on_cbw_error, fault=fault,
                      summary_note="read over NBD")

@@ -20,37 +20,6 @@ from ..qemu.probe import BuildInfo
 from ..qemu.transcript import Transcript
 from .images import Images
 
-CAPABILITY = ("'nbd.abstract-unix-socket': an NBD server (nbd-server-start, with "
-              "block-export-add or nbd-server-add) and client (the nbd block driver) on an "
-              "abstract unix socket")
-
-
-def _unix_members(info: BuildInfo, address_type: dict[str, Any] | None) -> set[str]:
-    """Members of a socket address union's ``unix`` case (legacy: under ``data``)."""
-    by_name = {e["name"]: e for e in info.schema.entries}
-    case = next((v["type"] for v in (address_type or {}).get("variants", [])
-                 if v["case"] == "unix"), None)
-    members = {m["name"]: m["type"] for m in by_name.get(case, {}).get("members", [])}
-    if "data" in members:
-        members = {m["name"]: m["type"] for m in by_name[members["data"]].get("members", [])}
-    return set(members)
-
-
-def missing_capability(info: BuildInfo) -> str | None:
-    """Why this build cannot run an NBD export on an abstract socket (None if it can)."""
-    schema = info.schema
-    by_name = {e["name"]: e for e in schema.entries}
-    start = by_name.get("nbd-server-start")
-    args = by_name.get(start["arg-type"], {}) if start else {}
-    addr = next((by_name.get(m["type"]) for m in args.get("members", [])
-                 if m["name"] == "addr"), None)
-    if (start is None or "abstract" not in _unix_members(info, addr)
-            or "abstract" not in _unix_members(info, schema.driver_member_type("nbd", "server"))
-            or not (schema.has_command("block-export-add")
-                    or schema.has_command("nbd-server-add"))):
-        return f"build lacks capability {CAPABILITY} (QEMU {info.version})"
-    return None
-
 
 class NbdExport:
     """One node exported read-only as ``name`` on a fresh NBD server of ``vm``."""

@@ -1,19 +1,19 @@
-"""The pytest plugin: build selection, capability skips, machines, artifacts, summary.
+"""The pytest plugin: options, fixtures, artifacts; the run's state and its hooks are
+a :class:`~harness.plugin.session.HarnessRun` registered at configure time.
 
 Hooks stay thin; the work is in the library modules.  Configuration precedence:
-fixture argument > command-line option > environment > default.
+fixture argument > command-line option > environment > default.  Nothing runs QEMU or
+fetches it until a selected test needs the build.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
 import tempfile
 import weakref
-from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,26 +21,38 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..block.images import Images
-from ..errors import HarnessError, MissingCapability
+from ..errors import HarnessError
 from ..qemu import builds, probe
 from ..qemu.conversation import render
 from ..qemu.machine import Machine
 from ..qemu.transcript import Transcript, compare, reference_path
+from .reference import regenerate
+from .session import (
+    ARTIFACTS_MARK,
+    PLUGIN_NAME,
+    HarnessRun,
+    check_artifacts_dir,
+    make_run_dir,
+    reset_artifacts,
+)
 
 if TYPE_CHECKING:
     from ..guest.vm import GuestImage
 
 _live_machines: weakref.WeakSet[Machine] = weakref.WeakSet()
-_ARTIFACTS_MARK = ".cbw-artifacts"
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 _workdir_key = pytest.StashKey[Path]()
+_run_key = pytest.StashKey[HarnessRun]()
 
 
 @atexit.register
-def _kill_leftovers() -> None:
-    """Last line of defence (the parent-death signal is the other): no QEMU outlives us."""
-    for vm in list(_live_machines):
+def _kill_leftovers() -> int:
+    """Last line of defence (the parent-death signal is the other): no QEMU outlives us.
+    Returns how many were still running."""
+    running = [vm for vm in list(_live_machines) if vm.is_running]
+    for vm in running:
         vm.kill()
+    return len(running)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -54,13 +66,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 default=os.environ.get("CBW_QEMU_RELEASE"),
                 help=f"provisioned Debian QEMU release: {', '.join(builds.RELEASES)} "
                      f"(default {builds.DEFAULT_RELEASE}; env CBW_QEMU_RELEASE)")
+    g.addoption("--allow-mixed-versions", action="store_true",
+                help="run even if qemu-system-x86_64, qemu-img and qemu-io report "
+                     "different versions (otherwise a usage error)")
     g.addoption("--artifacts", metavar="DIR", default=os.environ.get("CBW_ARTIFACTS",
                                                                      "artifacts"),
                 help="where failed tests keep their QMP log, QEMU output and reproducer")
     g.addoption("--keep-all-artifacts", action="store_true",
                 help="keep the folder of passing tests too")
     g.addoption("--regen-reference", action="store_true",
-                help="rewrite the reference transcripts (.out) from this run")
+                help="rewrite the reference transcripts (.out) from this run; on a build "
+                     f"other than release {builds.DEFAULT_RELEASE}, only "
+                     "<test>.<major>.<minor>.out files where its text differs")
     g.addoption("--guest-kernel", metavar="PATH", default=os.environ.get("CBW_GUEST_KERNEL"),
                 help="bzImage of your own guest kernel (default: Debian's cloud kernel, "
                      "provisioned; env CBW_GUEST_KERNEL)")
@@ -74,92 +91,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # ------------------------------------------------------------- configuration
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(*capabilities): skip unless the build "
-                            "has these capabilities (see harness.probe.CAPABILITIES)")
+                            "has these capabilities (see harness.qemu.probe.CAPABILITIES)")
     config.addinivalue_line("markers", "guest: boots a real Linux guest (deselect: -m 'not guest')")
     config.addinivalue_line("markers", "selftest: a test of the harness itself")
+    if config.option.help or config.option.version:
+        return  # --help / --version: no build, no folders
     worker = getattr(config, "workerinput", None)
     try:
-        build = builds.select(
+        choice = builds.choose(
             qemu_build=config.getoption("qemu_build"), qemu_prog=config.getoption("qemu_prog"),
             qemu_img_prog=config.getoption("qemu_img_prog"),
             qemu_io_prog=config.getoption("qemu_io_prog"),
             release=config.getoption("qemu_release"))
-        if worker and "cbw_probe" in worker:
-            info = probe.load(build, Path(worker["cbw_probe"]))
+        if worker is None:
+            reset_artifacts(check_artifacts_dir(Path(config.getoption("artifacts"))))
+            run_dir = make_run_dir()
         else:
-            info = probe.probe(build)
+            run_dir = Path(worker["cbw_run_dir"])
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[_build_info_key] = info
-    run_dir = Path(tempfile.mkdtemp(prefix="cbw-run-"))
-    config.stash[_run_dir_key] = run_dir
-    if worker is None:
-        probe.save(info, run_dir / "probe.json")
-        _reset_artifacts(Path(config.getoption("artifacts")))
-    config.stash[_summary_key] = []
-    config.stash[_outcomes_key] = {}
-
-
-_build_info_key = pytest.StashKey[probe.BuildInfo]()
-_run_dir_key = pytest.StashKey[Path]()
-_summary_key = pytest.StashKey[list[dict[str, Any]]]()
-
-
-def pytest_configure_node(node: Any) -> None:
-    """xdist: workers reuse the controller's probe instead of probing again."""
-    node.workerinput["cbw_probe"] = str(node.config.stash[_run_dir_key] / "probe.json")
+    run = HarnessRun(config, choice, run_dir, owns_run_dir=worker is None,
+                     kill_machines=_kill_leftovers)
+    config.stash[_run_key] = run
+    config.pluginmanager.register(run, PLUGIN_NAME)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _kill_leftovers()
-    run_dir = config.stash.get(_run_dir_key, None)
-    if run_dir is not None:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run = config.stash.get(_run_key, None)
+    if run is not None:
+        run.close()
 
 
-def _reset_artifacts(folder: Path) -> None:
-    """Clear the artifacts of an earlier run (only folders this harness made)."""
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if child.is_dir() and (child / _ARTIFACTS_MARK).exists():
-                shutil.rmtree(child, ignore_errors=True)
-        for name in ("summary.json",):
-            (folder / name).unlink(missing_ok=True)
-
-
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    info = config.stash[_build_info_key]
-    b = info.build
-    lines = [f"QEMU under test: {info.version} ({info.package or 'no package string'})"
-             + (f", provisioned release {b.release}" if b.release else "")]
-    for tool, path in [("qemu-system-x86_64", b.qemu_system), ("qemu-img", b.qemu_img),
-                       ("qemu-io", b.qemu_io)]:
-        lines.append(f"  {tool}: {path} [{b.origin.get(tool, '?')}] "
-                     f"{info.tool_versions.get(tool, '')}")
-    missing = [c for c in probe.CAPABILITIES if not info.has(c)]
-    lines.append("  capabilities missing: " + (", ".join(missing) if missing else "none"))
-    return lines
-
-
-# ------------------------------------------------------------ capabilities
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip, at collection, tests whose capabilities the build lacks (the skip then
-    points at the test, and names the capability)."""
-    info = config.stash[_build_info_key]
-    for item in items:
-        for mark in item.iter_markers("requires"):
-            for cap in mark.args:
-                try:
-                    info.require(cap)
-                except MissingCapability as exc:
-                    item.add_marker(pytest.mark.skip(reason=str(exc)))
+def harness_run(config: pytest.Config) -> HarnessRun:
+    return config.stash[_run_key]
 
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def build_info(pytestconfig: pytest.Config) -> probe.BuildInfo:
     """The probed build under test (version, schema, capabilities)."""
-    return pytestconfig.stash[_build_info_key]
+    try:
+        return harness_run(pytestconfig).info
+    except HarnessError as exc:
+        pytest.fail(f"QEMU under test: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -170,8 +145,7 @@ def qemu_build(build_info: probe.BuildInfo) -> builds.QemuBuild:
 @pytest.fixture
 def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A folder of the test's own; kept as its artifacts if the test fails."""
-    run_dir = request.config.stash[_run_dir_key]
-    path = Path(tempfile.mkdtemp(prefix="t-", dir=run_dir))
+    path = Path(tempfile.mkdtemp(prefix="t-", dir=harness_run(request.config).run_dir))
     request.node.stash[_workdir_key] = path
     yield path
     reports = request.node.stash.get(_phase_reports, {})
@@ -184,14 +158,14 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
 
 def _artifacts_dir(item: pytest.Item) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", item.nodeid).strip("_")[:180]
-    return Path(item.config.getoption("artifacts")).resolve() / name
+    return harness_run(item.config).artifacts / name
 
 
 def _keep_artifacts(src: Path, dest: Path) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), str(dest))
-    (dest / _ARTIFACTS_MARK).touch()
+    (dest / ARTIFACTS_MARK).touch()
     for log in dest.glob("*.qmp.log"):
         (dest / log.name.replace(".qmp.log", ".conversation.txt")).write_text(render(log, 10**6))
 
@@ -209,8 +183,11 @@ def check_transcript(request: pytest.FixtureRequest, build_info: probe.BuildInfo
     def check() -> None:
         test_file = Path(str(request.node.path))
         folder = test_file.parent / "reference" / test_file.stem
+        if request.config.getoption("regen_reference"):
+            regenerate(transcript.text, folder, request.node.name, build_info.version_tuple)
+            return
         ref = reference_path(folder, request.node.name, build_info.version_tuple)
-        compare(transcript.text, ref, request.config.getoption("regen_reference"))
+        compare(transcript.text, ref, regenerate=False)
     return check
 
 
@@ -270,78 +247,12 @@ def _failure_context(item: pytest.Item, workdir: Path) -> str:
     return "\n".join(lines)
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Collect summary rows that tests attached (works across xdist workers).
-
-    Rows may be added by fixtures at teardown: read them from the teardown report,
-    with the outcome of the call.
-    """
-    if _config is None:
-        return
-    outcomes = _config.stash[_outcomes_key]
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        wasxfail = hasattr(report, "wasxfail")
-        outcomes[report.nodeid] = ("xfailed" if wasxfail and report.skipped else
-                                   "xpassed" if wasxfail else report.outcome)
-    if report.when != "teardown":
-        return
-    for key, value in report.user_properties:
-        if key == "cbw-summary":
-            _config.stash[_summary_key].append(
-                {**dict(value), "outcome": outcomes.get(report.nodeid, "?"),  # type: ignore[call-overload]
-                 "test": report.nodeid})
-
-
-_outcomes_key = pytest.StashKey[dict[str, str]]()
-_config: pytest.Config | None = None
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    global _config
-    _config = session.config
-
-
 @pytest.fixture
 def summary_row(request: pytest.FixtureRequest) -> Callable[..., None]:
     """Attach a row to the run's summary table: ``summary_row(scenario=..., ...)``."""
     def add(**row: Any) -> None:
         request.node.user_properties.append(("cbw-summary", row))
     return add
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
-                            config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):
-        return
-    info = config.stash[_build_info_key]
-    tr = terminalreporter
-    stats = {k: len(v) for k, v in tr.stats.items() if k in
-             ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
-    tr.section("cbw-harness summary")
-    tr.write_line(f"QEMU {info.version} ({info.package}) at {info.build.qemu_system}")
-    tr.write_line("results: " + (", ".join(f"{n} {k}" for k, n in stats.items() if n) or "none"))
-    reasons: Counter[str] = Counter()
-    for rep in tr.stats.get("skipped", []):
-        if isinstance(rep.longrepr, tuple):
-            reasons[rep.longrepr[2].removeprefix("Skipped: ")] += 1
-    for reason, n in reasons.most_common():
-        tr.write_line(f"  skipped {n}: {reason}")
-    deviations: Counter[str] = Counter(getattr(rep, "wasxfail", "")
-                                       for rep in tr.stats.get("xfailed", []))
-    for reason, n in deviations.most_common():
-        tr.write_line(f"  known QEMU departure from its documentation ({n} tests): {reason}")
-    rows = config.stash[_summary_key]
-    artifacts = Path(config.getoption("artifacts")).resolve()
-    if rows:
-        from .summary import render_table, write_json
-        tr.write_line("")
-        for line in render_table(rows, info).splitlines():
-            tr.write_line(line)
-        path = write_json(rows, info, artifacts / "summary.json")
-        tr.write_line(f"summary JSON: {path}")
-    if stats.get("failed") or stats.get("error"):
-        tr.write_line(f"artifacts of failed tests: {artifacts}")
 
 
 # ========================================================== guest kernel (real guests)
@@ -365,4 +276,6 @@ def guest_image(pytestconfig: pytest.Config) -> GuestImage:
                               "kernel?")
         return GuestImage.provision()
     except HarnessError as exc:
-        pytest.fail(f"guest kernel: {exc}", pytrace=False)
+        fix = ("" if kernel else "; bring your own with --guest-kernel bzImage "
+               "[--guest-modules DIR], or leave guest tests out with -m 'not guest'")
+        pytest.fail(f"guest kernel: {exc}{fix}", pytrace=False)

@@ -38,6 +38,9 @@ RELEASES: dict[str, Release] = {
 DEFAULT_RELEASE = "11.1"
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils")
 TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-io")
+# Version of the cache layout of a provisioned release (its wrappers); a release
+# cached under an older layout gets new wrappers on first use.
+LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,13 @@ def provision(name: str = DEFAULT_RELEASE) -> Path:
     release = RELEASES[name]
     top = release_dir(name)
     marker = top / "complete.json"
-    if marker.exists():
+    if _current(marker):
+        return top / "bin"
+    if marker.exists():  # an older layout: the packages are fine, the wrappers are not
+        with locked(top, f"QEMU {name}"):
+            if not _current(marker):
+                _write_wrappers(top)
+                _mark_complete(top, {**json.loads(marker.read_text()), "layout": LAYOUT})
         return top / "bin"
     apt_dir = apt_root(release.suite)
     with locked(apt_dir, "the package cache"), locked(top, f"QEMU {name}"):
@@ -77,13 +86,31 @@ def provision(name: str = DEFAULT_RELEASE) -> Path:
         staging = top.with_name(top.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(top, ignore_errors=True)
-        closure = debian.fetch(QEMU_PACKAGES, release.suite, staging / "prefix", apt_dir)
+        try:
+            closure = debian.fetch(QEMU_PACKAGES, release.suite, staging / "prefix", apt_dir)
+        except ProvisionError as exc:
+            raise ProvisionError(f"cannot provision QEMU {name}: {exc}; or test your own "
+                                 "QEMU: --qemu-build DIR or QEMU_PROG") from None
         _write_wrappers(staging)
         version = _check_version(staging / "bin" / "qemu-system-x86_64", name)
-        (staging / "complete.json").write_text(json.dumps(
-            {"release": name, "version": version, "packages": dict(closure)}, indent=1))
+        _mark_complete(staging, {"release": name, "version": version, "layout": LAYOUT,
+                                 "packages": dict(closure)})
         staging.rename(top)
     return top / "bin"
+
+
+def _current(marker: Path) -> bool:
+    """Is the release behind ``marker`` complete, with wrappers of the current layout?"""
+    try:
+        return bool(json.loads(marker.read_text()).get("layout") == LAYOUT)
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_complete(top: Path, data: dict[str, object]) -> None:
+    tmp = top / "complete.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.rename(top / "complete.json")
 
 
 def _loader(prefix: Path) -> tuple[Path, list[Path]]:
@@ -99,8 +126,11 @@ def _loader(prefix: Path) -> tuple[Path, list[Path]]:
 def _write_wrappers(top: Path) -> None:
     """Scripts that ``exec`` QEMU through the prefix's loader (the PID stays QEMU's).
 
-    Debian's QEMU is not relocatable; QEMU looks for ``qemu-bundle`` beside its
-    executable, which under the loader is the loader's directory.
+    The loader is executed through a symlink named after the tool, so that the
+    kernel's name of the process (``comm``, what ``pgrep -x`` / ``pidof`` / ``ps``
+    show) is QEMU's, not ``ld-linux-x86-64``.  Debian's QEMU is not relocatable; QEMU
+    looks for ``qemu-bundle`` beside its executable, which under the loader is the
+    loader's real directory (``/proc/self/exe`` resolves the symlink).
     """
     prefix = top / "prefix"
     loader, libdirs = _loader(prefix)
@@ -108,29 +138,43 @@ def _write_wrappers(top: Path) -> None:
     if not bundle.exists():
         bundle.symlink_to(os.path.relpath(prefix, loader.parent))
     bindir = top / "bin"
-    bindir.mkdir(exist_ok=True)
+    names = bindir / ".names"
+    names.mkdir(parents=True, exist_ok=True)
     for tool in TOOLS:
         real = prefix / "usr/bin" / tool
         if not real.exists():
             raise ProvisionError(f"{tool} missing from the provisioned packages in {prefix}")
+        named_loader = names / tool
+        named_loader.unlink(missing_ok=True)
+        named_loader.symlink_to(os.path.relpath(loader, names))
         libpath = ":".join(f'"$P/{d.relative_to(prefix)}"' for d in libdirs)
         script = (
             "#!/bin/sh\n"
-            "# Runs Debian's binary through its own loader and libraries (see harness/qemu/builds.py).\n"
-            'P="$(cd "$(dirname "$0")/../prefix" && pwd)"\n'
-            f'exec "$P/{loader.relative_to(prefix)}" --library-path {libpath} '
+            "# Runs Debian's binary through its own loader and libraries, the loader named\n"
+            "# after the tool (see harness/qemu/builds.py).\n"
+            'B="$(cd "$(dirname "$0")" && pwd)"\n'
+            'P="$(cd "$B/../prefix" && pwd)"\n'
+            f'exec "$B/.names/{tool}" --library-path {libpath} '
             f'--argv0 {tool} "$P/usr/bin/{tool}" "$@"\n')
         wrapper = bindir / tool
-        wrapper.write_text(script)
-        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        tmp = bindir / f".{tool}.tmp"
+        tmp.write_text(script)
+        tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        tmp.rename(wrapper)  # atomic: a concurrent run never sees half a script
 
 
 def _check_version(qemu: Path, name: str) -> str:
-    out = subprocess.run([str(qemu), "--version"], capture_output=True, text=True, timeout=30)
+    try:
+        out = subprocess.run([str(qemu), "--version"], capture_output=True, text=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(f"provisioned QEMU {name} does not run ({exc}); "
+                             f"delete {release_dir(name)} and retry") from None
     first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
     if out.returncode != 0 or f"version {name}." not in first:
         raise ProvisionError(f"provisioned QEMU {name} does not run as expected "
-                             f"({first or out.stderr.strip()!r}); delete {release_dir(name)} and retry")
+                             f"({first or out.stderr.strip()!r}); "
+                             f"delete {release_dir(name)} and retry")
     return first.split("version ", 1)[1].split()[0]
 
 
@@ -140,49 +184,88 @@ def _executable(path: str | Path, what: str, fix: str) -> Path:
         raise ConfigError(f"{what}: {p} does not exist; {fix}")
     if not os.access(p, os.X_OK):
         raise ConfigError(f"{what}: {p} is not executable; {fix}")
-    return p.resolve() if not p.is_absolute() else p
+    return p if p.is_absolute() else p.resolve()
 
 
-def select(*, qemu_build: str | None = None, qemu_prog: str | None = None,
+@dataclass(frozen=True)
+class BuildChoice:
+    """The binaries chosen from options and environment, before anything is fetched:
+    user-given paths (checked to exist), and the release that provides the rest."""
+
+    chosen: Mapping[str, Path]
+    origin: Mapping[str, str]
+    release: str
+
+    @property
+    def needs_provisioning(self) -> bool:
+        return len(self.chosen) < len(TOOLS)
+
+    def describe(self) -> str:
+        """Where each binary comes from, without fetching anything."""
+        return ", ".join(f"{tool}: {self.chosen[tool]} [{self.origin[tool]}]"
+                         if tool in self.chosen else f"{tool}: provisioned release {self.release}"
+                         for tool in TOOLS)
+
+    def realize(self) -> QemuBuild:
+        """The build, with the release provisioned (fetched once, cached) if needed."""
+        chosen, origin = dict(self.chosen), dict(self.origin)
+        if self.needs_provisioning:
+            bindir = provision(self.release)
+            for tool in TOOLS:
+                if tool not in chosen:
+                    chosen[tool] = bindir / tool
+                    origin[tool] = f"provisioned release {self.release}"
+        return QemuBuild(chosen["qemu-system-x86_64"], chosen["qemu-img"], chosen["qemu-io"],
+                         origin, self.release if self.needs_provisioning else None)
+
+
+def choose(*, qemu_build: str | None = None, qemu_prog: str | None = None,
            qemu_img_prog: str | None = None, qemu_io_prog: str | None = None,
-           release: str | None = None, env: Mapping[str, str] | None = None) -> QemuBuild:
-    """Choose the binaries under test (see the module docstring for precedence)."""
+           release: str | None = None, env: Mapping[str, str] | None = None) -> BuildChoice:
+    """Choose the binaries under test (see the module docstring for precedence).
+
+    Only checks paths: no binary runs, nothing is fetched."""
     env = os.environ if env is None else env
+    name = release or DEFAULT_RELEASE
+    if name not in RELEASES:
+        raise ConfigError(f"unknown QEMU release {name!r}: choose one of "
+                          f"{', '.join(RELEASES)} (or pass --qemu-build / QEMU_PROG)")
     options = {"qemu-system-x86_64": ("--qemu-prog", qemu_prog, "QEMU_PROG"),
                "qemu-img": ("--qemu-img-prog", qemu_img_prog, "QEMU_IMG_PROG"),
                "qemu-io": ("--qemu-io-prog", qemu_io_prog, "QEMU_IO_PROG")}
+    build_dir = None
     if qemu_build is not None:
-        d = Path(qemu_build).expanduser()
-        if not d.is_dir():
-            raise ConfigError(f"--qemu-build {d}: not a directory; pass a QEMU build directory "
-                              "(the one holding qemu-system-x86_64, qemu-img, qemu-io)")
+        build_dir = Path(qemu_build).expanduser()
+        if not build_dir.is_dir():
+            raise ConfigError(f"--qemu-build {build_dir}: not a directory; pass a QEMU build "
+                              "directory (the one holding qemu-system-x86_64, qemu-img, qemu-io)")
     chosen: dict[str, Path] = {}
     origin: dict[str, str] = {}
     for tool, (flag, value, var) in options.items():
         fix = f"fix {flag} / {var} or pass --qemu-build DIR"
         if value:
             chosen[tool], origin[tool] = _executable(value, flag, fix), flag
-        elif qemu_build is not None:
-            candidates = [Path(qemu_build) / tool, Path(qemu_build) / "bin" / tool]
+        elif build_dir is not None:
+            candidates = [build_dir / tool, build_dir / "bin" / tool]
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
-                raise ConfigError(f"--qemu-build {qemu_build}: no {tool} in it; "
+                raise ConfigError(f"--qemu-build {build_dir}: no {tool} in it; "
                                   f"build it (make {tool}) or pass {flag}")
             chosen[tool], origin[tool] = _executable(found, "--qemu-build", fix), "--qemu-build"
         elif env.get(var):
             chosen[tool], origin[tool] = _executable(env[var], var, fix), var
     user_system = chosen.get("qemu-system-x86_64")
     for tool in TOOLS:
-        if tool in chosen:
-            continue
         sibling = user_system.parent / tool if user_system else None
-        if sibling is not None and sibling.is_file() and os.access(sibling, os.X_OK):
+        if tool not in chosen and sibling is not None and sibling.is_file() \
+                and os.access(sibling, os.X_OK):
             chosen[tool], origin[tool] = sibling, f"beside {origin['qemu-system-x86_64']}"
-            continue
-        name = release or DEFAULT_RELEASE
-        chosen[tool] = provision(name) / tool
-        origin[tool] = f"provisioned release {name}"
-    used_release = (release or DEFAULT_RELEASE) if any(
-        o.startswith("provisioned") for o in origin.values()) else None
-    return QemuBuild(chosen["qemu-system-x86_64"], chosen["qemu-img"], chosen["qemu-io"],
-                     origin, used_release)
+    return BuildChoice(chosen, origin, name)
+
+
+def select(*, qemu_build: str | None = None, qemu_prog: str | None = None,
+           qemu_img_prog: str | None = None, qemu_io_prog: str | None = None,
+           release: str | None = None, env: Mapping[str, str] | None = None) -> QemuBuild:
+    """:func:`choose`, then provision what is missing: the build, ready to run."""
+    return choose(qemu_build=qemu_build, qemu_prog=qemu_prog, qemu_img_prog=qemu_img_prog,
+                  qemu_io_prog=qemu_io_prog, release=release, env=env).realize()

@@ -38,17 +38,23 @@ class Suite:
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
+# Time limits of the subprocesses (a hung mirror or a stuck pipe must not hang a run):
+# generous for a slow mirror delivering ~40 MB, short for local work.
+APT_UPDATE_TIMEOUT = 300.0
+APT_RESOLVE_TIMEOUT = 120.0
+APT_DOWNLOAD_TIMEOUT = 900.0
+UNPACK_TIMEOUT = 300.0
+
 
 def host_mirror() -> str:
     """The Debian mirror: ``$CBW_DEBIAN_MIRROR``, else the host's own apt configuration's."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise ProvisionError(
-            "not a Debian-family host (no apt-get/dpkg-deb): "
-            "pass --qemu-build or set QEMU_PROG to use your own QEMU")
+        raise ProvisionError("not a Debian-family host (no apt-get/dpkg-deb), so Debian's "
+                             "packages cannot be fetched")
     if not KEYRING.exists():
         raise ProvisionError(
             f"{KEYRING} is missing, so Debian's archive cannot be verified: "
-            "apt-get install debian-archive-keyring (or pass --qemu-build / QEMU_PROG)")
+            "apt-get install debian-archive-keyring")
     if os.environ.get("CBW_DEBIAN_MIRROR"):
         return os.environ["CBW_DEBIAN_MIRROR"].rstrip("/")
     deb822 = [p.read_text(errors="replace") for p in sorted(APT_SOURCES_DIR.glob("*.sources"))]
@@ -59,7 +65,7 @@ def host_mirror() -> str:
         return mirror
     raise ProvisionError(
         "no Debian mirror in /etc/apt/sources.list{,.d} (not a Debian host?): set "
-        "CBW_DEBIAN_MIRROR to a Debian mirror URI, or pass --qemu-build / set QEMU_PROG")
+        "CBW_DEBIAN_MIRROR to a Debian mirror URI")
 
 
 def mirror_in(deb822_files: list[str], one_line_files: list[str]) -> str | None:
@@ -123,12 +129,15 @@ class PrivateApt:
         (self.root / "sources.list").write_text("".join(
             f"deb [signed-by={KEYRING}] {self.mirror} {suite} main\n" for suite in self.suites))
 
-    def _run(self, args: list[str], what: str, progress: bool = False) -> str:
+    def _run(self, args: list[str], what: str, timeout: float) -> str:
         cmd = ["apt-get", *self._options(), *args]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=self.root / "archives")
-        if progress and proc.stdout:
-            sys.stderr.write(proc.stdout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  cwd=self.root / "archives", stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ProvisionError(f"apt-get {args[0]} hung: no result within {timeout:.0f} s "
+                                 f"while trying to {what}; check the mirror {self.mirror} "
+                                 "(or set CBW_DEBIAN_MIRROR) and retry") from None
         if proc.returncode != 0:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise ProvisionError(f"apt failed to {what}: {tail}")
@@ -141,7 +150,7 @@ class PrivateApt:
         self._prepare()
         _say(f"updating package lists for {' '.join(self.suites)}")
         self._run(["update"], f"update the package lists of {' '.join(self.suites)} "
-                  "(is the Debian mirror reachable?)")
+                  "(is the Debian mirror reachable?)", APT_UPDATE_TIMEOUT)
         self._lists_ready = True
         _UPDATED_THIS_PROCESS.add(key)
 
@@ -149,7 +158,7 @@ class PrivateApt:
         """The full dependency closure of ``packages``, as (name, version)."""
         self.update()
         out = self._run(["-s", "-t", target, "install", *packages],
-                        f"resolve {' '.join(packages)} from {target}")
+                        f"resolve {' '.join(packages)} from {target}", APT_RESOLVE_TIMEOUT)
         closure = re.findall(r"^Inst (\S+) \((\S+)", out, re.M)
         if not closure:
             raise ProvisionError(f"apt resolved nothing for {' '.join(packages)} in {target}")
@@ -164,7 +173,7 @@ class PrivateApt:
             _say(f"downloading {len(missing)} packages")
             start = time.monotonic()
             self._run(["download", *[f"{n}={v}" for n, v in missing]],
-                      "download packages", progress=False)
+                      "download packages", APT_DOWNLOAD_TIMEOUT)
             size = sum(d.stat().st_size for n, v in missing if (d := _deb_for(archives, n, v)))
             _say(f"downloaded {size / 1e6:.1f} MB in {time.monotonic() - start:.1f} s "
                  "(verified by apt)")
@@ -189,14 +198,7 @@ def unpack(debs: Sequence[Path], prefix: Path, skip: Sequence[str] = ("./usr/sha
     """Unpack ``debs`` into ``prefix`` (no maintainer scripts), strip setuid bits."""
     prefix.mkdir(parents=True, exist_ok=True)
     for deb in debs:
-        fsys = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                stdout=subprocess.PIPE)
-        tar = subprocess.run(["tar", "-x", "-C", str(prefix), "--no-same-owner",
-                              *[f"--exclude={s}" for s in skip]],
-                             stdin=fsys.stdout, stderr=subprocess.PIPE, text=True)
-        fsys.stdout.close()  # type: ignore[union-attr]
-        if fsys.wait() != 0 or tar.returncode != 0:
-            raise ProvisionError(f"could not unpack {deb.name}: {tar.stderr.strip()}")
+        _unpack_one(deb, prefix, skip)
     for dirpath, _dirs, files in os.walk(prefix):
         for f in files:
             p = os.path.join(dirpath, f)
@@ -205,7 +207,33 @@ def unpack(debs: Sequence[Path], prefix: Path, skip: Sequence[str] = ("./usr/sha
                 os.chmod(p, st.st_mode & ~(stat.S_ISUID | stat.S_ISGID))
 
 
-def fetch(packages: Sequence[str], suite: Suite, prefix: Path, apt_root: Path) -> list[tuple[str, str]]:
+def _unpack_one(deb: Path, prefix: Path, skip: Sequence[str],
+                timeout: float = UNPACK_TIMEOUT) -> None:
+    """``dpkg-deb --fsys-tarfile deb | tar -x``, both bounded by ``timeout``."""
+    fsys = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        tar = subprocess.run(["tar", "-x", "-C", str(prefix), "--no-same-owner",
+                              *[f"--exclude={s}" for s in skip]],
+                             stdin=fsys.stdout, stderr=subprocess.PIPE, text=True,
+                             timeout=timeout)
+        status = fsys.wait(timeout=10)  # tar has read everything: dpkg-deb is ending
+    except subprocess.TimeoutExpired:
+        raise ProvisionError(f"unpacking {deb.name} (dpkg-deb | tar) hung: not done within "
+                             f"{timeout:.0f} s; check the disk under {prefix} and retry"
+                             ) from None
+    finally:
+        assert fsys.stdout is not None
+        fsys.stdout.close()
+        if fsys.poll() is None:
+            fsys.kill()
+            fsys.wait()
+    if status != 0 or tar.returncode != 0:
+        raise ProvisionError(f"could not unpack {deb.name}: {tar.stderr.strip()}")
+
+
+def fetch(packages: Sequence[str], suite: Suite, prefix: Path,
+          apt_root: Path) -> list[tuple[str, str]]:
     """Resolve, download and unpack ``packages`` with their dependencies into ``prefix``."""
     apt = PrivateApt(apt_root, suite.suites)
     closure = apt.resolve(packages, suite.target)

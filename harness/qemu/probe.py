@@ -101,6 +101,30 @@ class Schema:
                 return self.enum_values(m["type"])
         return []
 
+    def event_members(self, event: str) -> set[str]:
+        """The data members the schema declares for ``event``; empty if unknown."""
+        e = self._get(event)
+        if e is None or e.get("meta-type") != "event":
+            return set()
+        return {m["name"] for m in self._members(e.get("arg-type", ""))}
+
+    def command_arg_type(self, command: str, arg: str) -> dict[str, Any] | None:
+        e = self._get(command)
+        t = self._get(e["arg-type"]) if e and e.get("meta-type") == "command" else None
+        for m in (t or {}).get("members", []):
+            if m["name"] == arg:
+                return self._get(m["type"])
+        return None
+
+    def unix_address_members(self, address_type: dict[str, Any] | None) -> set[str]:
+        """Members of a socket address union's ``unix`` case (legacy form: under ``data``)."""
+        case = next((v["type"] for v in (address_type or {}).get("variants", [])
+                     if v["case"] == "unix"), None)
+        members = {m["name"]: m["type"] for m in self._members(case or "")}
+        if "data" in members:
+            members = {m["name"]: m["type"] for m in self._members(members["data"])}
+        return set(members)
+
     def command_arg_enum(self, command: str, arg: str) -> list[str]:
         e = self._get(command)
         t = self._get(e["arg-type"]) if e else None
@@ -115,6 +139,14 @@ class Capability:
     name: str
     description: str
     check: Callable[[BuildInfo], bool]
+
+
+def _nbd_on_abstract_socket(schema: Schema) -> bool:
+    server_addr = schema.command_arg_type("nbd-server-start", "addr")
+    client_addr = schema.driver_member_type("nbd", "server")
+    return ("abstract" in schema.unix_address_members(server_addr)
+            and "abstract" in schema.unix_address_members(client_addr)
+            and (schema.has_command("block-export-add") or schema.has_command("nbd-server-add")))
 
 
 def _cap(name: str, description: str, check: Callable[[BuildInfo], bool]) -> Capability:
@@ -139,6 +171,12 @@ CAPABILITIES: dict[str, Capability] = {c.name: c for c in [
     _cap("throttle", "the throttle block driver with throttle-group objects",
          lambda b: "throttle" in b.schema.block_drivers()),
     _cap("accel.tcg", "the TCG accelerator", lambda b: "tcg" in b.accelerators),
+    _cap("nbd.abstract-unix-socket",
+         "an NBD server (nbd-server-start, with block-export-add or nbd-server-add) and "
+         "client (the nbd block driver) on an abstract unix socket",
+         lambda b: _nbd_on_abstract_socket(b.schema)),
+    _cap("event.BLOCK_IO_ERROR.qom-path", "BLOCK_IO_ERROR names the device by qom-path",
+         lambda b: "qom-path" in b.schema.event_members("BLOCK_IO_ERROR")),
 ]}
 
 
@@ -156,6 +194,15 @@ class BuildInfo:
     @property
     def version_tuple(self) -> tuple[int, ...]:
         return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
+
+    def mixed_versions(self) -> str | None:
+        """One line naming each binary's origin and version when their versions differ."""
+        versions = {tool: version_of(line) for tool, line in self.tool_versions.items()}
+        if len(set(versions.values())) <= 1:
+            return None
+        return "binaries of different QEMU versions: " + ", ".join(
+            f"{tool} {version} ({self.build.origin.get(tool, '?')})"
+            for tool, version in versions.items())
 
     def has(self, capability: str) -> bool:
         return self._capability(capability).check(self)
@@ -185,22 +232,47 @@ class BuildInfo:
                    Schema(data["schema"]), data.get("tool_versions", {}))
 
 
-def _tool_version(binary: Path) -> str:
+# What each tool's ``--version`` says first: "QEMU emulator version 11.1.3 (...)",
+# "qemu-img version 11.1.3 (...)", "qemu-io version 11.1.3 (...)".
+_VERSION_LINE = {"qemu-system-x86_64": re.compile(r"^QEMU emulator version (\S+)"),
+                 "qemu-img": re.compile(r"^qemu-img version (\S+)"),
+                 "qemu-io": re.compile(r"^qemu-io version (\S+)")}
+
+
+def tool_version(tool: str, binary: Path, origin: str = "") -> str:
+    """The first line of ``binary --version``; a one-line ConfigError unless it is
+    ``tool`` of some QEMU."""
+    where = f"{binary}" + (f" ({origin})" if origin else "")
     try:
         out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
                              timeout=30, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConfigError(f"{binary} does not run ({exc}); pass a working build") from None
-    first = (out.stdout or out.stderr).strip().splitlines()
-    if out.returncode != 0 or not first:
-        raise ConfigError(f"{binary} --version failed ({out.stderr.strip()[:200]!r}); "
-                          "pass a working build")
-    return first[0]
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{where} --version did not answer within 30 s: "
+                          f"not a working {tool}") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} does not run ({exc.strerror}); pass a working {tool}"
+                          ) from None
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if out.returncode != 0 or not _VERSION_LINE[tool].match(first):
+        said = f"its --version said {first[:80]!r}" if first else "its --version printed nothing"
+        raise ConfigError(f"{where} is not a QEMU binary ({said}); pass QEMU's {tool}")
+    return first
+
+
+def version_of(first_line: str) -> str:
+    """'11.1.3' from a --version first line."""
+    m = re.search(r"version (\S+)", first_line)
+    return m.group(1) if m else "?"
 
 
 def accelerators(qemu_system: Path) -> list[str]:
-    out = subprocess.run([str(qemu_system), "-accel", "help"], capture_output=True, text=True,
-                         timeout=30, stdin=subprocess.DEVNULL)
+    try:
+        out = subprocess.run([str(qemu_system), "-accel", "help"], capture_output=True,
+                             text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"{qemu_system} -accel help failed ({exc}); pass a working "
+                          "qemu-system-x86_64") from None
     return [line.strip() for line in out.stdout.splitlines()[1:] if line.strip()]
 
 
@@ -208,9 +280,9 @@ def probe(build: QemuBuild) -> BuildInfo:
     """Start the build once (no guest) and ask it what it has."""
     from .machine import Machine  # machine imports builds; keep probe importable alone
 
-    tool_versions = {tool: _tool_version(path) for tool, path in
-                     [("qemu-system-x86_64", build.qemu_system), ("qemu-img", build.qemu_img),
-                      ("qemu-io", build.qemu_io)]}
+    tool_versions = {tool: tool_version(tool, path, build.origin.get(tool, "")) for tool, path
+                     in [("qemu-system-x86_64", build.qemu_system),
+                         ("qemu-img", build.qemu_img), ("qemu-io", build.qemu_io)]}
     accels = accelerators(build.qemu_system)
     if "tcg" not in accels:
         raise ConfigError(f"{build.qemu_system} has no TCG accelerator (has: {', '.join(accels)}); "

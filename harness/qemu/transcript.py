@@ -84,11 +84,21 @@ class Transcript:
         return "\n".join(self.lines) + "\n"
 
 
+def shared_reference_path(folder: Path, test_name: str) -> Path:
+    """``<test>.out``: the reference of every build without one of its own."""
+    return folder / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", test_name).strip("_") + ".out")
+
+
+def specific_reference_path(folder: Path, test_name: str, version: tuple[int, ...]) -> Path:
+    """``<test>.<major>.<minor>.out``: the reference of the builds of one release."""
+    shared = shared_reference_path(folder, test_name)
+    return shared.with_suffix(f".{version[0]}.{version[1]}.out")
+
+
 def reference_path(folder: Path, test_name: str, version: tuple[int, ...]) -> Path:
     """``<test>.out``, or ``<test>.<major>.<minor>.out`` where a build differs."""
-    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", test_name).strip("_")
-    specific = folder / f"{safe}.{version[0]}.{version[1]}.out"
-    return specific if specific.exists() else folder / f"{safe}.out"
+    specific = specific_reference_path(folder, test_name, version)
+    return specific if specific.exists() else shared_reference_path(folder, test_name)
 
 
 def compare(text: str, reference: Path, regenerate: bool) -> None:
