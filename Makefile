@@ -11,11 +11,14 @@ export CBW_QEMU_RELEASE := $(QEMU_RELEASE)
 
 .PHONY: run check lint setup provision bench clean
 
+# pytest's exit 5 (no test collected, e.g. a -k that matches nothing) fails too, saying so.
+NO_TESTS_HINT := || { s=$$?; [ $$s != 5 ] || echo "no test was selected (pytest exit 5): check PYTEST_ARGS" >&2; exit $$s; }
+
 run: provision
-	$(PY) -m pytest iotests -n $(JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
 check: provision
-	$(PY) -m pytest harness/tests iotests -n $(JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest harness/tests iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
 # Static checks, pinned in pyproject.toml (dev extra).
 lint: setup
@@ -35,10 +38,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $@
 
-# Fetch the default QEMU release and the guest kernel (cached; instant when present).
-# A user-given QEMU (QEMU_PROG or --qemu-build in PYTEST_ARGS) needs no QEMU download.
+# Fetch the default QEMU release and the guest kernel (cached; instant when present),
+# so that downloads show their progress.  A user-given QEMU (QEMU_PROG, or --qemu-build /
+# --qemu-prog in PYTEST_ARGS) needs no QEMU download; --qemu-release in PYTEST_ARGS is
+# fetched by the plugin.  No kernel is needed with --guest-kernel or -m "not guest".
+QEMU_GIVEN = $(or $(QEMU_PROG),$(findstring --qemu-build,$(PYTEST_ARGS)),$(findstring \
+  --qemu-prog,$(PYTEST_ARGS)),$(findstring --qemu-release,$(PYTEST_ARGS)))
+KERNEL_NOT_NEEDED = $(or $(findstring --guest-kernel,$(PYTEST_ARGS)),$(findstring \
+  not guest,$(PYTEST_ARGS)))
+
 provision: setup
-	@$(PY) -m harness.provision $(if $(QEMU_PROG),--no-qemu,$(QEMU_RELEASE)) --kernel
+	@$(PY) -m harness.provision $(if $(QEMU_GIVEN),--no-qemu,$(QEMU_RELEASE)) \
+	  $(if $(KERNEL_NOT_NEEDED),,--kernel)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -175,11 +175,13 @@ class HarnessRun:
         """Probe only if a selected test needs the build; skip, at collection, those
         whose capabilities it lacks (the skip names the capability)."""
         needing = [item for item in items if needs_build(item)]
-        if not needing:
-            return
+        if not needing or self.config.option.collectonly:
+            return  # --collect-only lists tests; it neither fetches nor runs QEMU
         try:
             info = self.info
         except HarnessError as exc:
+            if is_worker(self.config):
+                return  # the controller reports it (see node_collection_finished)
             raise pytest.UsageError(str(exc)) from None
         for item in needing:
             for mark in item.iter_markers("requires"):
@@ -199,7 +201,11 @@ class HarnessRun:
         return build_lines(info)
 
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        """xdist: the controller shows the build once the first worker probed it."""
+        """xdist: the controller shows the build once the first worker probed it, or
+        ends the run with the one line saying why the build cannot be used."""
+        failed = self.run_dir / "probe.error"
+        if failed.exists():
+            pytest.exit(failed.read_text(), returncode=pytest.ExitCode.USAGE_ERROR)
         info = self.probed
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if info is not None and not self._build_shown and reporter is not None:
@@ -232,15 +238,24 @@ class HarnessRun:
                                   "test": report.nodeid})
 
     # ----------------------------------------------------------- interruption
-    def pytest_keyboard_interrupt(self) -> None:
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
         """Ctrl-C: kill this process's QEMUs now (not a graceful quit each), and say so."""
+        if not isinstance(excinfo.value, KeyboardInterrupt):
+            return  # pytest.exit() comes here too
         self.interrupted = True
         killed = self._kill_machines()
-        who = "" if is_worker(self.config) else "cbw-harness: interrupted: "
-        if killed or not is_worker(self.config):
-            sys.stderr.write(f"\n{who}killed {killed} running QEMU process"
-                             f"{'es' if killed != 1 else ''}; removing {self.run_dir}\n")
-            sys.stderr.flush()
+        plural = "es" if killed != 1 else ""
+        if is_worker(self.config):
+            worker = self.config.workerinput.get("workerid", "worker")  # type: ignore[attr-defined]
+            message = f"[{worker}] cbw-harness: killed {killed} running QEMU process{plural}"
+        elif self.config.pluginmanager.has_plugin("dsession"):
+            message = (f"cbw-harness: interrupted: the workers kill their QEMUs; "
+                       f"removing {self.run_dir}")
+        else:
+            message = (f"cbw-harness: interrupted: killed {killed} running QEMU process"
+                       f"{plural}; removing {self.run_dir}")
+        sys.stderr.write(f"\n{message}\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
         """Remove the run's folder (the controller's, after its workers are gone)."""
@@ -259,6 +274,8 @@ class HarnessRun:
         tr.section("cbw-harness summary")
         if info is not None:
             tr.write_line(f"QEMU {info.version} ({info.package}) at {info.build.qemu_system}")
+        elif (self.run_dir / "probe.error").exists():
+            tr.write_line(f"QEMU: unusable: {(self.run_dir / 'probe.error').read_text()}")
         else:
             tr.write_line("QEMU: not started (no selected test needed it)")
         tr.write_line("results: " + (", ".join(f"{n} {k}" for k, n in stats.items() if n)

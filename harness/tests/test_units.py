@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError, describe_exit
-from harness.qemu import builds
+from harness.errors import ConfigError, MissingCapability, describe_exit
+from harness.plugin import session
+from harness.plugin.reference import regenerate
+from harness.plugin.session import check_artifacts_dir, make_run_dir
+from harness.plugin.summary import render_grid
+from harness.qemu import builds, probe
 from harness.qemu.debian import mirror_in
 from harness.qemu.machine import QemuIoResult, _sh_quote_relocatable, event_matches
 from harness.qemu.probe import Schema
@@ -165,11 +174,270 @@ def test_reference_compare_and_version_specific_file(tmp_path):
     assert reference_path(tmp_path, "test_a[x-y]", (10, 0)).name == "test_a_x-y.10.0.out"
 
 
-def test_not_a_debian_host_says_what_to_do(monkeypatch):
+def test_not_a_debian_host_says_what_to_do(monkeypatch, tmp_path):
+    """The QEMU's error names --qemu-build / QEMU_PROG (the guest kernel's is in
+    test_plugin_runs: it names --guest-kernel and -m 'not guest')."""
     from harness.errors import ProvisionError
     from harness.qemu import debian
+    monkeypatch.setenv("CBW_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(ProvisionError) as info:
         debian.host_mirror()
     assert "not a Debian-family host" in str(info.value)
-    assert "--qemu-build" in str(info.value) and "\n" not in str(info.value)
+    assert "--qemu-build" not in str(info.value)  # the caller says what else to do
+    with pytest.raises(ProvisionError) as info:
+        builds.provision("11.1")
+    message = str(info.value)
+    assert "cannot provision QEMU 11.1: not a Debian-family host" in message
+    assert "--qemu-build DIR or QEMU_PROG" in message and "\n" not in message
+
+
+# ------------------------------------------------------------ choosing a build
+
+def test_build_dir_with_tilde_is_expanded_for_every_binary(fake_build, monkeypatch):
+    """--qemu-build=~/dir reaches pytest unexpanded: the folder check and the binary
+    lookup both expand it."""
+    monkeypatch.setenv("HOME", str(fake_build.parent))
+    choice = builds.choose(qemu_build=f"~/{fake_build.name}", env={})
+    assert not choice.needs_provisioning
+    assert dict(choice.chosen) == {t: fake_build / t for t in builds.TOOLS}
+    assert builds.choose(qemu_prog=f"~/{fake_build.name}/qemu-system-x86_64",
+                         env={}).chosen["qemu-img"] == fake_build / "qemu-img"
+
+
+def test_choosing_fetches_nothing(tmp_path, monkeypatch):
+    """Choosing checks paths only: the release is fetched by realize()."""
+    monkeypatch.setenv("CBW_CACHE_DIR", str(tmp_path / "cache"))
+    choice = builds.choose(env={}, release="7.2")
+    assert choice.needs_provisioning and choice.release == "7.2"
+    assert "qemu-img: provisioned release 7.2" in choice.describe()
+    assert not (tmp_path / "cache").exists()
+
+
+def version_script(folder: Path, name: str, first_line: str) -> Path:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\necho '{first_line}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_not_a_qemu_binary_is_named_so(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        probe.tool_version("qemu-img", Path("/bin/true"), "--qemu-img-prog")
+    message = str(info.value)
+    assert message.startswith("/bin/true (--qemu-img-prog) is not a QEMU binary")
+    assert "pass QEMU's qemu-img" in message and "\n" not in message
+    img = version_script(tmp_path, "qemu-img", "qemu-img version 9.2.0 (v9.2.0)")
+    assert probe.tool_version("qemu-img", img) == "qemu-img version 9.2.0 (v9.2.0)"
+    with pytest.raises(ConfigError, match="is not a QEMU binary"):  # the wrong tool
+        probe.tool_version("qemu-system-x86_64", img)
+
+
+def build_info_with(versions: dict[str, str], origins: dict[str, str]) -> probe.BuildInfo:
+    build = builds.QemuBuild(Path("/q/qemu-system-x86_64"), Path("/p/qemu-img"),
+                             Path("/p/qemu-io"), origins)
+    return probe.BuildInfo(build, "11.1.3", "", ["tcg"], Schema(SCHEMA), versions)
+
+
+def test_mixed_versions_name_each_binary_origin_and_version():
+    origins = {"qemu-system-x86_64": "QEMU_PROG", "qemu-img": "provisioned release 11.1",
+               "qemu-io": "provisioned release 11.1"}
+    same = build_info_with({"qemu-system-x86_64": "QEMU emulator version 11.1.3 (x)",
+                            "qemu-img": "qemu-img version 11.1.3", "qemu-io":
+                            "qemu-io version 11.1.3"}, origins)
+    assert same.mixed_versions() is None
+    mixed = build_info_with({"qemu-system-x86_64": "QEMU emulator version 10.2.50",
+                             "qemu-img": "qemu-img version 11.1.3",
+                             "qemu-io": "qemu-io version 11.1.3"}, origins)
+    assert mixed.mixed_versions() == (
+        "binaries of different QEMU versions: qemu-system-x86_64 10.2.50 (QEMU_PROG), "
+        "qemu-img 11.1.3 (provisioned release 11.1), qemu-io 11.1.3 (provisioned release 11.1)")
+
+
+# ------------------------------------------------------------ capabilities
+
+NBD_SCHEMA = [
+    {"name": "nbd-server-start", "meta-type": "command", "arg-type": "n1"},
+    {"name": "n1", "meta-type": "object", "members": [{"name": "addr", "type": "n2"}]},
+    {"name": "n2", "meta-type": "object", "tag": "type", "members": [{"name": "type",
+                                                                      "type": "str"}],
+     "variants": [{"case": "unix", "type": "n3"}]},
+    {"name": "n3", "meta-type": "object", "members": [{"name": "data", "type": "n4"}]},
+    {"name": "n4", "meta-type": "object", "members": [{"name": "path", "type": "str"},
+                                                      {"name": "abstract", "type": "bool"}]},
+    {"name": "block-export-add", "meta-type": "command", "arg-type": "n1"},
+    {"name": "BLOCK_IO_ERROR", "meta-type": "event", "arg-type": "e1"},
+    {"name": "e1", "meta-type": "object", "members": [{"name": "qom-path", "type": "str"}]},
+]
+
+
+def test_capabilities_of_nbd_and_block_io_error_come_from_the_schema():
+    def info(entries: list[dict]) -> probe.BuildInfo:
+        return probe.BuildInfo(builds.QemuBuild(Path("q"), Path("i"), Path("o")), "11.1.3", "",
+                               ["tcg"], Schema(entries))
+    # The client side (the nbd driver's server.abstract) is missing from this schema.
+    server_only = info(SCHEMA + NBD_SCHEMA)
+    assert not server_only.has("nbd.abstract-unix-socket")
+    assert server_only.has("event.BLOCK_IO_ERROR.qom-path")
+    with pytest.raises(MissingCapability) as missing:
+        server_only.require("nbd.abstract-unix-socket")
+    assert str(missing.value).startswith(
+        "build lacks capability 'nbd.abstract-unix-socket': an NBD server")
+    assert str(missing.value).endswith("(QEMU 11.1.3)")
+    client = [{"name": "3", "meta-type": "object", "tag": "driver",
+               "members": [{"name": "driver", "type": "4"}],
+               "variants": [{"case": "nbd", "type": "c1"}]},
+              {"name": "4", "meta-type": "enum", "values": ["nbd"]},
+              {"name": "c1", "meta-type": "object", "members": [{"name": "server",
+                                                                  "type": "n2"}]}]
+    both = info([e for e in SCHEMA if e["name"] not in ("3", "4")] + NBD_SCHEMA + client)
+    assert both.has("nbd.abstract-unix-socket")
+    assert not info(SCHEMA).has("event.BLOCK_IO_ERROR.qom-path")
+
+
+# ------------------------------------------------------------ reference transcripts
+
+def test_regen_reference_on_another_build_never_touches_the_shared_file(tmp_path):
+    shared = tmp_path / "test_a_x.out"
+    assert regenerate("default\n", tmp_path, "test_a[x]", (11, 1, 3)) == shared
+    # Another release: a file of its own where the text differs, the shared one untouched.
+    assert regenerate("old\n", tmp_path, "test_a[x]", (7, 2, 22)) == tmp_path / "test_a_x.7.2.out"
+    assert shared.read_text() == "default\n"
+    assert (tmp_path / "test_a_x.7.2.out").read_text() == "old\n"
+    # Where it says the same as the shared file, no file of its own (a stale one goes).
+    assert regenerate("default\n", tmp_path, "test_a[x]", (7, 2, 22)) is None
+    assert not (tmp_path / "test_a_x.7.2.out").exists()
+    assert regenerate("dev\n", tmp_path, "test_b", (11, 2, 50)) == tmp_path / "test_b.11.2.out"
+    assert not (tmp_path / "test_b.out").exists()
+
+
+# ------------------------------------------------------------ the run's folders
+
+def test_unusable_tmpdir_is_one_line(tmp_path, monkeypatch):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("TMPDIR", str(not_a_dir))
+    with pytest.raises(ConfigError) as info:
+        make_run_dir()
+    assert str(info.value).startswith(f"TMPDIR {not_a_dir}: cannot create the run's folder")
+    assert "set TMPDIR to a writable folder" in str(info.value)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(session.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(ConfigError, match=r"only 1 MB free, a run needs about 67 MB"):
+        make_run_dir()
+    assert not list(tmp_path.glob("cbw-run-*")), "the refused run left its folder"
+
+
+def test_unwritable_artifacts_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as info:
+        check_artifacts_dir(blocker / "artifacts")
+    assert str(info.value).startswith(f"--artifacts {blocker / 'artifacts'}: cannot write there")
+    assert "\n" not in str(info.value)
+    assert check_artifacts_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+
+
+# ------------------------------------------------------------ provisioning
+
+def fake_command(folder: Path, name: str, script: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+    (folder / name).chmod(0o755)
+
+
+def test_hung_apt_and_unpack_are_bounded_and_named(tmp_path, monkeypatch):
+    from harness.errors import ProvisionError
+    from harness.qemu import debian
+    fake_command(tmp_path / "bin", "apt-get", "exec sleep 60")
+    fake_command(tmp_path / "bin", "dpkg-deb", "exec sleep 60")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    apt = debian.PrivateApt(tmp_path / "apt", ["trixie"], mirror=MIRROR)
+    (tmp_path / "apt" / "archives").mkdir(parents=True)
+    start = time.monotonic()
+    with pytest.raises(ProvisionError) as info:
+        apt._run(["update"], "update the package lists of trixie", timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert str(info.value).startswith("apt-get update hung: no result within 0 s while "
+                                      "trying to update the package lists of trixie")
+    with pytest.raises(ProvisionError, match=r"unpacking x.deb \(dpkg-deb \| tar\) hung"):
+        debian._unpack_one(tmp_path / "x.deb", tmp_path / "prefix", (), timeout=0.5)
+    assert time.monotonic() - start < 10
+
+
+def fake_release(cache: Path, name: str) -> Path:
+    """A provisioned release of an older layout: a prefix and wrappers without names."""
+    top = cache / "qemu" / name
+    libdir = top / "prefix/usr/lib/x86_64-linux-gnu"
+    libdir.mkdir(parents=True)
+    (libdir / "ld-linux-x86-64.so.2").write_text("")
+    (top / "prefix/usr/bin").mkdir(parents=True)
+    (top / "bin").mkdir()
+    for tool in builds.TOOLS:
+        (top / "prefix/usr/bin" / tool).write_text("")
+        (top / "bin" / tool).write_text("#!/bin/sh\nexec old-wrapper\n")
+    (top / "complete.json").write_text(json.dumps({"release": name, "version": "11.1.3"}))
+    return top
+
+
+def test_cached_release_of_an_older_layout_gets_named_wrappers(tmp_path, monkeypatch):
+    """Wrappers exec the loader through a symlink named after the tool, so the kernel
+    names the process after QEMU (pgrep/pidof work); old caches are brought up to date
+    without a download."""
+    monkeypatch.setenv("CBW_CACHE_DIR", str(tmp_path))
+    top = fake_release(tmp_path, "11.1")
+    assert builds.provision("11.1") == top / "bin"
+    assert json.loads((top / "complete.json").read_text())["layout"] == builds.LAYOUT
+    for tool in builds.TOOLS:
+        named = top / "bin/.names" / tool
+        assert named.is_symlink()
+        assert named.resolve() == (top / "prefix/usr/lib/x86_64-linux-gnu/"
+                                   "ld-linux-x86-64.so.2").resolve()
+        script = (top / "bin" / tool).read_text()
+        assert f'exec "$B/.names/{tool}" ' in script and f"--argv0 {tool} " in script
+
+
+# ------------------------------------------------------------ the summary grid
+
+def row(scenario: str, value: str, guest: str, job: str, data: str, outcome: str = "passed",
+        test: str = "t.py::test_x", **extra: str) -> dict:
+    return {"scenario": scenario, "on_cbw_error": value, "guest_write": guest, "job": job,
+            "data": data, "outcome": outcome, "test": test, **extra}
+
+
+def test_summary_grid_reads_at_a_glance():
+    info = build_info_with({}, {})
+    livelock = "t.py::test_ignored_read_error_on_broken_snapshot"
+    rows = [
+        row("sync-full / target-write-once-EIO", value, "1/2 failed: Input/output error",
+            "completed", "target has old data at 2/2; backup point-in-time")
+        for value in ("omitted", "break-guest-write")
+    ] + [
+        row("sync-full / target-write-once-EIO", "break-snapshot", "all ok", "completed",
+            "backup NOT point-in-time", outcome="xfailed"),
+        row("fleecing / no-fault", "omitted", "all ok", "-", "snapshot reads ok"),
+        row("fleecing / no-fault", "break-guest-write", "all ok", "-",
+            "snapshot reads fail: Permission denied"),
+        row("push / target-write-once-EIO / job policy ignore", "break-snapshot", "all ok",
+            "QEMU stopped answering QMP", "", outcome="xfailed", test=f"{livelock}[full-speed]"),
+        row("push / target-write-once-EIO / job policy ignore", "break-snapshot", "all ok",
+            "cancelled; BLOCK_JOB_ERROR read/ignore", "", test=f"{livelock}[speed-limit]"),
+        row("guest virtio-blk werror=report / fleecing / x", "omitted", "all ok", "-", "",
+            family="guest delivery"),
+    ]
+    lines = render_grid(rows, info).splitlines()
+    grid = "\n".join(re.sub(r" +", " ", line) for line in lines)  # without the padding
+    assert lines[0].startswith("copy-before-write error handling, QEMU 11.1.3")
+    assert "on-cbw-error omitted behaves as break-guest-write in: sync-full" in grid
+    assert "on-cbw-error omitted differs from break-guest-write in: fleecing" in grid
+    assert "sync-full | omitted = break-guest-write | break-snapshot" in grid
+    assert ("target-write-once-EIO | guest EIO 1/2; job ok; backup ok | "
+            "departure: guest ok; job ok; backup wrong") in grid
+    assert "no-fault | guest ok; snapshot ok | guest ok; snapshot EACCES" in grid
+    # The livelock's two speeds differ: two labelled lines, not one cell overwritten.
+    assert "target-write-once-EIO / job policy ignore [full-speed]" in grid
+    assert "target-write-once-EIO / job policy ignore [speed-limit]" in grid
+    assert "departure: guest ok; QEMU hung" in grid and "guest ok; job cancelled" in grid
+    assert "guest delivery" in grid  # the producer's family wins over the scenario's text
+    assert max(len(line) for line in lines) < 120
