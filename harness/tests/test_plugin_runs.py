@@ -27,13 +27,20 @@ def test_waits(launch_vm):
 """
 
 
+REPO = Path(__file__).resolve().parents[2]
+QEMU_VARIABLES = ("QEMU_PROG", "QEMU_IMG_PROG", "QEMU_IO_PROG", "CBW_QEMU_RELEASE")
+
+
 def run_pytest(tmp: Path, test_source: str, *args: str, env: dict[str, str] | None = None,
-               build: builds.QemuBuild | None = None, wait: bool = True):
+               build: builds.QemuBuild | None = None, wait: bool = True,
+               cache: bool = False):
     (tmp / "test_inner.py").write_text(textwrap.dedent(test_source))
-    full_env = {**os.environ, **(build.as_env() if build else {}), **(env or {})}
+    full_env = {k: v for k, v in os.environ.items() if k not in QEMU_VARIABLES}
+    full_env.update({**(build.as_env() if build else {}), **(env or {})})
     full_env.pop("PYTEST_XDIST_WORKER", None)
     full_env.pop("PYTEST_ADDOPTS", None)
-    argv = [sys.executable, "-m", "pytest", "-p", "harness.plugin", "-p", "no:cacheprovider",
+    argv = [sys.executable, "-m", "pytest", "-p", "harness.plugin",
+            *([] if cache else ["-p", "no:cacheprovider"]),
             "--rootdir", str(tmp), "--artifacts", str(tmp / "artifacts"), *args,
             str(tmp / "test_inner.py")]
     if not wait:
@@ -127,11 +134,41 @@ def test_interrupted_run_leaves_no_qemu(tmp_path, qemu_build, sig):
             time.sleep(0.05)
         assert process_gone(qemu_pid), f"QEMU {qemu_pid} outlived pytest ({sig.name})"
         if sig == signal.SIGINT:
-            assert "KeyboardInterrupt" in proc.stdout.read()
+            out = proc.stdout.read()
+            assert "KeyboardInterrupt" in out
+            assert "cbw-harness: interrupted: killed 1 running QEMU process; removing " in out
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_interrupted_xdist_run_is_quick_says_so_and_cleans_up(tmp_path, qemu_build):
+    """Ctrl-C on ``-n 2``: every QEMU killed at once (no graceful quit each), a message
+    saying so, and no ``cbw-run-*`` folder left in TMPDIR."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    source = HANGING_TEST.replace('os.environ["PIDFILE"]',
+                                  'os.environ["PIDFILE"] + os.environ["PYTEST_XDIST_WORKER"]')
+    source += "\ndef test_waits_too(launch_vm):\n    test_waits(launch_vm)\n"
+    proc = run_pytest(tmp_path, source, "-n", "2", build=qemu_build, wait=False,
+                      env={"PIDFILE": str(tmp_path / "qemu.pid."), "TMPDIR": str(tmpdir)})
+    try:
+        pids = [int(wait_for_file(tmp_path / f"qemu.pid.gw{n}", proc)) for n in (0, 1)]
+        assert list(tmpdir.glob("cbw-run-*")), "the run keeps its folder in TMPDIR"
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "cbw-harness: interrupted: the workers kill their QEMUs; removing " in out, out
+    assert "cbw-harness: killed 1 running QEMU process" in out, out
+    assert all(process_gone(pid) for pid in pids)
+    assert not list(tmpdir.glob("cbw-run-*")), "the interrupted run left its folder"
+    assert took < 15, f"interrupting took {took:.1f} s"
 
 
 WORKER_SUICIDE_TEST = """
@@ -154,3 +191,146 @@ def test_killed_xdist_worker_leaves_no_qemu(tmp_path, qemu_build):
     while not process_gone(qemu_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process_gone(qemu_pid), f"QEMU {qemu_pid} outlived its crashed xdist worker"
+
+
+# ------------------------------------------------------------ no QEMU where none is needed
+
+PURE_AND_QEMU_TESTS = """
+import pytest
+def test_pure():
+    assert 1 + 1 == 2
+@pytest.mark.requires("blockdev-backup.on-cbw-error")
+def test_vm(launch_vm):
+    launch_vm()
+"""
+
+
+def test_help_needs_no_build(tmp_path):
+    result = run_pytest(tmp_path, "def test_x(): pass", "--qemu-prog", "/nonexistent", "--help")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--allow-mixed-versions" in result.stdout and "--qemu-build=DIR" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--collect-only"], ["-k", "pure"], ["-n", "2", "-k", "pure"]],
+                         ids=["collect-only", "pure-unit", "pure-unit-xdist"])
+def test_no_download_and_no_probe_unless_a_test_needs_the_build(tmp_path, args):
+    """With an empty cache: listing tests, or running only pure ones, fetches nothing
+    and starts no QEMU."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    result = run_pytest(tmp_path, PURE_AND_QEMU_TESTS, *args, env={"CBW_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(cache.iterdir()) == [], "something was fetched"
+    if "-k" in args:
+        assert "1 passed" in result.stdout and "failed" not in result.stdout
+        assert "QEMU: not started (no selected test needed it)" in result.stdout
+    else:
+        assert "2 tests collected" in result.stdout
+
+
+@pytest.mark.parametrize("jobs", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_not_a_qemu_binary_is_a_usage_error(tmp_path, qemu_build, jobs):
+    result = run_pytest(tmp_path, PURE_AND_QEMU_TESTS, "--qemu-img-prog", "/bin/true", *jobs,
+                        build=qemu_build)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "/bin/true (--qemu-img-prog) is not a QEMU binary (its --version said 'true" \
+        in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_qemu_prog_not_a_qemu_is_named_so(tmp_path):
+    result = run_pytest(tmp_path, PURE_AND_QEMU_TESTS, env={"QEMU_PROG": "/bin/true"})
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "/bin/true (QEMU_PROG) is not a QEMU binary" in result.stderr
+    assert "TCG" not in result.stderr
+
+
+def test_mixed_versions_refused_unless_allowed(tmp_path, qemu_build):
+    old = builds.provision("10.0")
+    args = ["--qemu-img-prog", str(old / "qemu-img"), "-k", "vm"]
+    refused = run_pytest(tmp_path, PURE_AND_QEMU_TESTS, *args, build=qemu_build)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "binaries of different QEMU versions: qemu-system-x86_64 11.1" in line
+    assert "qemu-img 10.0." in line and "(--qemu-img-prog)" in line
+    assert "--allow-mixed-versions" in line
+    allowed = run_pytest(tmp_path, PURE_AND_QEMU_TESTS, *args, "--allow-mixed-versions",
+                         build=qemu_build)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "WARNING: binaries of different QEMU versions" in allowed.stdout
+    assert "[--qemu-img-prog] qemu-img version 10.0." in allowed.stdout
+
+
+def test_unwritable_artifacts_and_tmpdir_fail_up_front(tmp_path, qemu_build):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args, env, message in [
+            (["--artifacts", str(blocker / "artifacts")], {},
+             f"--artifacts {blocker / 'artifacts'}: cannot write there"),
+            ([], {"TMPDIR": str(blocker)}, f"TMPDIR {blocker}: cannot create the run's folder")]:
+        result = run_pytest(tmp_path, PURE_AND_QEMU_TESTS, *args, build=qemu_build, env=env)
+        assert result.returncode == 4, result.stdout + result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert "passed" not in result.stdout, "tests ran before the check"
+
+
+def test_guest_kernel_unavailable_names_the_ways_out(tmp_path):
+    """A host without apt: the guest kernel's failure names --guest-kernel and
+    -m 'not guest' (the QEMU's names --qemu-build, see test_units)."""
+    source = """
+import harness.qemu.debian as debian
+debian.shutil.which = lambda name: None  # a host without apt
+def test_guest(guest_image):
+    pass
+"""
+    result = run_pytest(tmp_path, source, env={"CBW_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not a Debian-family host" in result.stdout
+    assert "--guest-kernel bzImage" in result.stdout and "-m 'not guest'" in result.stdout
+    assert "QEMU_PROG" not in result.stdout
+
+
+def test_last_failed_reruns_only_the_failure(tmp_path):
+    """The project's pytest settings keep the cache provider: --lf / --sw work."""
+    source = "def test_fails():\n    assert False\ndef test_passes():\n    pass\n"
+    config = ["-c", str(REPO / "pyproject.toml")]
+    first = run_pytest(tmp_path, source, *config, cache=True)
+    assert "1 failed, 1 passed" in first.stdout, first.stdout
+    again = run_pytest(tmp_path, source, *config, "--lf", cache=True)
+    assert "run-last-failure: rerun previous 1 failure" in again.stdout, again.stdout
+    assert "1 failed, 1 deselected" in again.stdout, again.stdout
+
+
+def test_provisioned_qemu_carries_its_name(launch_vm, qemu_build):
+    """pgrep/pidof find the provisioned QEMU by its name, and the PID is QEMU's own."""
+    if not qemu_build.release:
+        pytest.skip("a provisioned release runs through a wrapper; this build does not")
+    vm = launch_vm()
+    assert Path(f"/proc/{vm.pid}/comm").read_text().strip() == "qemu-system-x86"
+    pgrep = subprocess.run(["pgrep", "-x", "qemu-system-x86"], capture_output=True, text=True)
+    assert str(vm.pid) in pgrep.stdout.split()
+    pidof = subprocess.run(["pidof", "qemu-system-x86_64"], capture_output=True, text=True)
+    assert str(vm.pid) in pidof.stdout.split()
+    assert vm.cmd("query-status")["status"] == "running"  # the PID we hold is QEMU's
+
+
+def make(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "-C", str(REPO), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_make_run_with_a_user_build_downloads_no_qemu():
+    for given in ("--qemu-build=~/qemu/build", "--qemu-prog /x/qemu-system-x86_64",
+                  "--qemu-release 10.0"):
+        plan = make("-n", "run", f"PYTEST_ARGS={given}").stdout
+        assert "-m harness.provision --no-qemu" in plan, plan
+    plan = make("-n", "run", "PYTEST_ARGS=").stdout
+    assert "-m harness.provision 11.1" in plan and "--kernel" in plan
+    assert "--kernel" not in make("-n", "run", "PYTEST_ARGS=-m 'not guest'").stdout
+
+
+def test_make_check_selecting_nothing_fails_saying_so(tmp_path):
+    result = make("check", "JOBS=0",
+                  f"PYTEST_ARGS=-k no_test_has_this_name --artifacts {tmp_path}")
+    assert result.returncode != 0
+    assert "no test was selected (pytest exit 5): check PYTEST_ARGS" in result.stderr
