@@ -23,7 +23,7 @@ from ..qemu.probe import BuildInfo
 
 VALUE_ORDER = ("omitted", "break-guest-write", "break-snapshot")
 DEFAULT_VALUE, OMITTED = "break-guest-write", "omitted"
-MAX_CELL = 56
+MAX_CELL = 64
 
 _ERRNO_NAMES = {"Input/output error": "EIO", "No space left on device": "ENOSPC",
                 "Permission denied": "EACCES", "Invalid argument": "EINVAL",
@@ -76,7 +76,8 @@ _DATA_WORDS = [(r"^backup point-in-time$", "backup ok"),
                (r"^target has old data at .*$", ""),
                (r"^no BLOCK_IO_ERROR$", ""),
                (r"^BLOCK_IO_ERROR (.*)$", r"IO_ERROR \1"),
-               (r"^stops answered .*$", "stopped")]
+               (r"^stops answered .*$", "stopped"),
+               (r"^source (\S+), target (\S+)$", r"src \1 tgt \2")]
 
 
 def _data(text: str) -> list[str]:
@@ -168,7 +169,8 @@ def render_grid(rows: Sequence[dict[str, Any]], info: BuildInfo) -> str:
     for r in rows:
         by_family[family_of(r)].append(r)
     out = [f"copy-before-write error handling, QEMU {info.version} ({info.package}): "
-           f"{len(rows)} scenarios in {len(by_family)} families"]
+           f"{len(rows)} scenarios in {len(by_family)} "
+           f"famil{'y' if len(by_family) == 1 else 'ies'}"]
     same, differ = [], []
     blocks: list[str] = []
     for family in sorted(by_family):

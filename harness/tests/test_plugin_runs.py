@@ -50,10 +50,10 @@ def run_pytest(tmp: Path, test_source: str, *args: str, env: dict[str, str] | No
                           timeout=180)
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60) -> str:
+def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text()):
-        assert proc.poll() is None, f"inner pytest ended early:\n{proc.stdout.read()}"
+        assert proc.poll() is None, f"inner pytest ended early:\n{proc.communicate()[0]}"
         assert time.monotonic() < deadline, "inner test never started QEMU"
         time.sleep(0.05)
     return path.read_text()

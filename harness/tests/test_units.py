@@ -10,11 +10,11 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.errors import ConfigError, MissingCapability, describe_exit
-from harness.plugin import session
 from harness.plugin.reference import regenerate
 from harness.plugin.session import check_artifacts_dir, make_run_dir
 from harness.plugin.summary import render_grid
@@ -112,8 +112,8 @@ def test_qemu_io_result_errors():
     assert QemuIoResult("w", "write failed: Input/output error").error == "Input/output error"
     assert QemuIoResult("r", "read failed: Permission denied").error == "Permission denied"
     assert QemuIoResult("w", "wrote 512/512 bytes at offset 0").ok
-    assert "Pattern verification failed" in QemuIoResult(
-        "r", "Pattern verification failed at offset 0, 512 bytes").error
+    assert "Pattern verification failed" in str(QemuIoResult(
+        "r", "Pattern verification failed at offset 0, 512 bytes").error)
 
 
 def test_describe_exit():
@@ -121,7 +121,7 @@ def test_describe_exit():
     assert describe_exit(1) == "exit status 1"
 
 
-SCHEMA = [
+SCHEMA: list[dict[str, Any]] = [
     {"name": "blockdev-backup", "meta-type": "command", "arg-type": "1"},
     {"name": "1", "meta-type": "object", "members": [{"name": "on-cbw-error", "type": "2"}]},
     {"name": "2", "meta-type": "enum", "values": ["break-guest-write", "break-snapshot"]},
@@ -180,7 +180,7 @@ def test_not_a_debian_host_says_what_to_do(monkeypatch, tmp_path):
     from harness.errors import ProvisionError
     from harness.qemu import debian
     monkeypatch.setenv("CBW_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
+    monkeypatch.setattr("harness.qemu.debian.shutil.which", lambda name: None)
     with pytest.raises(ProvisionError) as info:
         debian.host_mirror()
     assert "not a Debian-family host" in str(info.value)
@@ -256,7 +256,7 @@ def test_mixed_versions_name_each_binary_origin_and_version():
 
 # ------------------------------------------------------------ capabilities
 
-NBD_SCHEMA = [
+NBD_SCHEMA: list[dict[str, Any]] = [
     {"name": "nbd-server-start", "meta-type": "command", "arg-type": "n1"},
     {"name": "n1", "meta-type": "object", "members": [{"name": "addr", "type": "n2"}]},
     {"name": "n2", "meta-type": "object", "tag": "type", "members": [{"name": "type",
@@ -272,7 +272,7 @@ NBD_SCHEMA = [
 
 
 def test_capabilities_of_nbd_and_block_io_error_come_from_the_schema():
-    def info(entries: list[dict]) -> probe.BuildInfo:
+    def info(entries: list[dict[str, Any]]) -> probe.BuildInfo:
         return probe.BuildInfo(builds.QemuBuild(Path("q"), Path("i"), Path("o")), "11.1.3", "",
                                ["tcg"], Schema(entries))
     # The client side (the nbd driver's server.abstract) is missing from this schema.
@@ -284,12 +284,12 @@ def test_capabilities_of_nbd_and_block_io_error_come_from_the_schema():
     assert str(missing.value).startswith(
         "build lacks capability 'nbd.abstract-unix-socket': an NBD server")
     assert str(missing.value).endswith("(QEMU 11.1.3)")
-    client = [{"name": "3", "meta-type": "object", "tag": "driver",
-               "members": [{"name": "driver", "type": "4"}],
-               "variants": [{"case": "nbd", "type": "c1"}]},
-              {"name": "4", "meta-type": "enum", "values": ["nbd"]},
-              {"name": "c1", "meta-type": "object", "members": [{"name": "server",
-                                                                  "type": "n2"}]}]
+    client: list[dict[str, Any]] = [
+        {"name": "3", "meta-type": "object", "tag": "driver",
+         "members": [{"name": "driver", "type": "4"}],
+         "variants": [{"case": "nbd", "type": "c1"}]},
+        {"name": "4", "meta-type": "enum", "values": ["nbd"]},
+        {"name": "c1", "meta-type": "object", "members": [{"name": "server", "type": "n2"}]}]
     both = info([e for e in SCHEMA if e["name"] not in ("3", "4")] + NBD_SCHEMA + client)
     assert both.has("nbd.abstract-unix-socket")
     assert not info(SCHEMA).has("event.BLOCK_IO_ERROR.qom-path")
@@ -322,7 +322,7 @@ def test_unusable_tmpdir_is_one_line(tmp_path, monkeypatch):
     assert str(info.value).startswith(f"TMPDIR {not_a_dir}: cannot create the run's folder")
     assert "set TMPDIR to a writable folder" in str(info.value)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(session.shutil, "disk_usage",
+    monkeypatch.setattr("harness.plugin.session.shutil.disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(ConfigError, match=r"only 1 MB free, a run needs about 67 MB"):
         make_run_dir()
@@ -401,7 +401,7 @@ def test_cached_release_of_an_older_layout_gets_named_wrappers(tmp_path, monkeyp
 # ------------------------------------------------------------ the summary grid
 
 def row(scenario: str, value: str, guest: str, job: str, data: str, outcome: str = "passed",
-        test: str = "t.py::test_x", **extra: str) -> dict:
+        test: str = "t.py::test_x", **extra: str) -> dict[str, str]:
     return {"scenario": scenario, "on_cbw_error": value, "guest_write": guest, "job": job,
             "data": data, "outcome": outcome, "test": test, **extra}
 
