@@ -200,6 +200,7 @@ class HarnessRun:
         self._build_shown = True
         return build_lines(info)
 
+    @pytest.hookimpl(optionalhook=True)  # xdist's hooks: absent under -p no:xdist
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
         """xdist: the controller shows the build once the first worker probed it, or
         ends the run with the one line saying why the build cannot be used."""
@@ -215,6 +216,7 @@ class HarnessRun:
                 reporter.write_line(line)
 
     # ---------------------------------------------------------------- xdist
+    @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist: workers share the controller's run folder (and so its probe)."""
         node.workerinput["cbw_run_dir"] = str(self.run_dir)

@@ -211,8 +211,9 @@ def test_help_needs_no_build(tmp_path):
     assert "--allow-mixed-versions" in result.stdout and "--qemu-build=DIR" in result.stdout
 
 
-@pytest.mark.parametrize("args", [["--collect-only"], ["-k", "pure"], ["-n", "2", "-k", "pure"]],
-                         ids=["collect-only", "pure-unit", "pure-unit-xdist"])
+@pytest.mark.parametrize("args", [["--collect-only"], ["-k", "pure"], ["-n", "2", "-k", "pure"],
+                                  ["-p", "no:xdist", "-k", "pure"]],
+                         ids=["collect-only", "pure-unit", "pure-unit-xdist", "without-xdist"])
 def test_no_download_and_no_probe_unless_a_test_needs_the_build(tmp_path, args):
     """With an empty cache: listing tests, or running only pure ones, fetches nothing
     and starts no QEMU."""
@@ -226,6 +227,31 @@ def test_no_download_and_no_probe_unless_a_test_needs_the_build(tmp_path, args):
         assert "QEMU: not started (no selected test needed it)" in result.stdout
     else:
         assert "2 tests collected" in result.stdout
+
+
+COUNTED_PROBES = """
+import os
+import harness.qemu.probe as probe
+_probe = probe.probe
+def counted(build):
+    with open(os.environ["PROBES"], "a") as f:
+        f.write("probe\\n")
+    return _probe(build)
+probe.probe = counted
+def test_one(build_info):
+    assert build_info.version
+def test_two(launch_vm):
+    launch_vm()
+"""
+
+
+def test_xdist_workers_share_one_probe(tmp_path, qemu_build):
+    probes = tmp_path / "probes"
+    result = run_pytest(tmp_path, COUNTED_PROBES, "-n", "2", build=qemu_build,
+                        env={"PROBES": str(probes)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert probes.read_text() == "probe\n", "the build was probed more than once"
+    assert "QEMU under test: " in result.stdout  # the controller shows what was probed
 
 
 @pytest.mark.parametrize("jobs", [[], ["-n", "2"]], ids=["serial", "xdist"])
