@@ -26,13 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             print(f"QEMU {name}: {builds.provision(name)}")
-        if args.kernel:
-            from .guest import kernel
-            print(f"guest kernel: {kernel.provision_kernel().vmlinuz}")
-            print(f"guest busybox: {kernel.busybox_static()}")
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.kernel:
+        from .guest import kernel
+        try:
+            print(f"guest kernel: {kernel.provision_kernel().vmlinuz}")
+            print(f"guest busybox: {kernel.busybox_static()}")
+        except HarnessError as exc:
+            print(f"error: guest kernel: {exc}; bring your own (PYTEST_ARGS='--guest-kernel "
+                  "bzImage'), or leave the guest tests out (PYTEST_ARGS='-m \"not guest\"')",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -441,3 +441,15 @@ def test_summary_grid_reads_at_a_glance():
     assert "departure: guest ok; QEMU hung" in grid and "guest ok; job cancelled" in grid
     assert "guest delivery" in grid  # the producer's family wins over the scenario's text
     assert max(len(line) for line in lines) < 120
+
+
+def test_provision_command_without_apt_names_the_ways_out(tmp_path, monkeypatch, capsys):
+    from harness import provision
+    monkeypatch.setenv("CBW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("harness.qemu.debian.shutil.which", lambda name: None)
+    assert provision.main(["--no-qemu", "--kernel"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: guest kernel: ") and "\n" not in err
+    assert "--guest-kernel bzImage" in err and '-m "not guest"' in err
+    assert provision.main(["7.2"]) == 1
+    assert "--qemu-build DIR or QEMU_PROG" in capsys.readouterr().err
