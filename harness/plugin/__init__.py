@@ -104,7 +104,9 @@ def pytest_configure(config: pytest.Config) -> None:
             qemu_io_prog=config.getoption("qemu_io_prog"),
             release=config.getoption("qemu_release"))
         if worker is None:
-            reset_artifacts(check_artifacts_dir(Path(config.getoption("artifacts"))))
+            artifacts = check_artifacts_dir(Path(config.getoption("artifacts")))
+            if not config.option.collectonly:  # listing tests keeps the last run's
+                reset_artifacts(artifacts)
             run_dir = make_run_dir()
         else:
             run_dir = Path(worker["cbw_run_dir"])
