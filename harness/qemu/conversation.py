@@ -59,7 +59,7 @@ def render(path: Path, limit: int = 400) -> str:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     out = []
     if len(lines) > limit:
-        out.append(f"... {len(lines) - limit} earlier entries in {path}")
+        out.append(f"... {len(lines) - limit} earlier entries in {path.name}")
         lines = lines[-limit:]
     for line in lines:
         try:
