@@ -23,6 +23,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -101,13 +102,18 @@ def make_images(case: dict[str, Any], here: Path, folder: Path, qemu_img: str | 
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dest)
         return
+    formats: dict[str, str] = {}
     for op in case.get("recipe", []):
         if op["op"] == "copy":
+            (folder / op["to"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / op["from"], folder / op["to"])
+            formats[op["to"]] = formats.get(op["from"], "raw")
             continue
         path = folder / op["path"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        raw = op.get("format", "raw") == "raw"
+        if op["op"] == "create":
+            formats[op["path"]] = op.get("format", "raw")
+        raw = formats.get(op["path"], "raw") == "raw"
         if op["op"] == "create" and raw:
             with open(path, "wb") as f:
                 f.truncate(op["size"])
@@ -121,7 +127,7 @@ def make_images(case: dict[str, Any], here: Path, folder: Path, qemu_img: str | 
                 f.write(bytes([op["pattern"]]) * op["length"])
         elif op["op"] == "fill":
             qemu_io = str(Path(qemu_img or "qemu-img").with_name("qemu-io"))
-            tool(qemu_io, "qemu-io", ["-f", op["format"], "-c",
+            tool(qemu_io, "qemu-io", ["-f", formats[op["path"]], "-c",
                                       f"write -P {op['pattern']} {op['offset']} {op['length']}",
                                       str(path)])
 
@@ -209,7 +215,7 @@ def replay(case: dict[str, Any], qemu_system: str, folder: Path) -> list[str]:
     ours, theirs = socket.socketpair()
     argv = [qemu_system] + [a.replace(DIR, str(folder)).replace("@QMP_FD@", str(theirs.fileno()))
                             for a in case["argv"][1:]]
-    print("$ " + " ".join(argv))
+    print("$ " + shlex.join(argv))
     stdout = open(folder / "qemu.stdout", "w+b")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=open(folder / "qemu.stderr", "wb"), cwd=folder,
@@ -227,7 +233,8 @@ def replay(case: dict[str, Any], qemu_system: str, folder: Path) -> list[str]:
                 printed = stdout.seek(0, os.SEEK_END)
                 reply = qmp.execute(step["qmp"], case["command_timeout"])
                 hmp = None
-                if reply and "return" in reply and step["qmp"]["execute"] == "human-monitor-command":
+                if reply and "return" in reply and \
+                        step["qmp"]["execute"] == "human-monitor-command":
                     stdout.seek(printed)
                     hmp = str(reply["return"]) + stdout.read().decode(errors="replace")
                 observed.append(command_line(step["qmp"], reply, hmp).replace(str(folder), DIR))
@@ -241,11 +248,11 @@ def replay(case: dict[str, Any], qemu_system: str, folder: Path) -> list[str]:
                     returned[step["number"]] = index
                 observed.append(wait_line(step["wait"], None if index is None
                                           else qmp.events[index]))
-        if proc.poll() is None:
-            try:
-                proc.wait(QUIT_TIMEOUT if qmp.closed or case["steps_end_with_quit"] else 0.01)
-            except subprocess.TimeoutExpired:
-                pass
+        sent_quit = any(s.get("qmp", {}).get("execute") == "quit" for s in case["steps"])
+        try:  # QEMU exits by itself after quit; the test killed it otherwise
+            proc.wait(QUIT_TIMEOUT if sent_quit or qmp.closed else 0.01)
+        except subprocess.TimeoutExpired:
+            pass
     finally:
         if proc.poll() is None:
             killed = True
