@@ -7,7 +7,6 @@ fixture argument > command-line option > environment > default.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil

@@ -120,7 +120,7 @@ def _partial_match(actual: Any, wanted: Any) -> bool:
     if isinstance(wanted, Mapping):
         return isinstance(actual, Mapping) and all(
             k in actual and _partial_match(actual[k], v) for k, v in wanted.items())
-    return actual == wanted
+    return bool(actual == wanted)
 
 
 @dataclass(frozen=True)
@@ -242,8 +242,8 @@ class Machine:
     def _monitor_args(self, fd: int) -> list[str]:
         chardev = ["-chardev", f"socket,id=qmp,fd={fd}"]
         if supports_monitor_object(str(self.build.qemu_system)):
-            return chardev + ["-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"]
-        return chardev + ["-mon", "chardev=qmp,mode=control"]
+            return [*chardev, "-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"]
+        return [*chardev, "-mon", "chardev=qmp,mode=control"]
 
     def _base_args(self) -> list[str]:
         return [str(self.build.qemu_system), "-nodefaults", "-display", "none",
@@ -290,7 +290,8 @@ class Machine:
         self._changed = asyncio.Event()
         self._watch_exit()
         if self._console_sock is not None:
-            self._console_log = open(self.console_path, "wb", buffering=0)
+            # Open for the machine's life; closed in _close_loop().
+            self._console_log = open(self.console_path, "wb", buffering=0)  # noqa: SIM115
             self._console_sock.setblocking(False)
             self._loop.add_reader(self._console_sock.fileno(), self._on_console)
         self._client = _RecordingClient(self.name, self._on_message)
@@ -361,9 +362,10 @@ class Machine:
         quoted = " \\\n    ".join(_sh_quote_relocatable(a, str(self.workdir)) for a in args)
         self.reproducer_path.write_text(
             "#!/bin/sh\n"
-            f"# Runs QEMU as the harness did for {self.name!r}; QMP listens on ./qmp.sock\n"
-            "# (connect with: qmp-shell qmp.sock). The commands the test sent are in\n"
-            f"# {self.qmp_log_path.name}; images are in this folder.\n"
+            f"# Runs QEMU as the harness did for {self.name!r}, to poke at by hand; QMP\n"
+            "# listens on ./qmp.sock (qmp-shell qmp.sock).  The images are as the test\n"
+            "# left them; replay.py starts from them as they were and resends the\n"
+            f"# commands of {self.qmp_log_path.name}.\n"
             'HERE="$(cd "$(dirname "$0")" && pwd)"\ncd "$HERE"\n'
             f"exec {quoted}\n")
         self.reproducer_path.chmod(0o755)
@@ -391,7 +393,8 @@ class Machine:
     async def _guarded(self, aw: Awaitable[T], timeout: float, what: str, waiting: bool) -> T:
         assert self._exited is not None
         task = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait({task, self._exited}, timeout=timeout,
+        racing: set[asyncio.Future[Any]] = {task, self._exited}
+        done, _ = await asyncio.wait(racing, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done and not task.cancelled() and task.exception() is None:
             return task.result()
@@ -539,7 +542,8 @@ class Machine:
                     return value
                 self._changed.clear()
                 await self._changed.wait()
-        return self._run(watch(), self.event_timeout if timeout is None else timeout, what, waiting=True)
+        return self._run(watch(), self.event_timeout if timeout is None else timeout, what,
+                         waiting=True)
 
     # --------------------------------------------------------------- events
     @property

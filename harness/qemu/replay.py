@@ -216,10 +216,10 @@ def replay(case: dict[str, Any], qemu_system: str, folder: Path) -> list[str]:
     argv = [qemu_system] + [a.replace(DIR, str(folder)).replace("@QMP_FD@", str(theirs.fileno()))
                             for a in case["argv"][1:]]
     print("$ " + shlex.join(argv))
-    stdout = open(folder / "qemu.stdout", "w+b")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                            stderr=open(folder / "qemu.stderr", "wb"), cwd=folder,
-                            pass_fds=[theirs.fileno()], start_new_session=True)
+    stdout = open(folder / "qemu.stdout", "w+b")  # noqa: SIM115 (QEMU's, read as it goes)
+    with open(folder / "qemu.stderr", "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                cwd=folder, pass_fds=[theirs.fileno()], start_new_session=True)
     theirs.close()
     qmp = Monitor(ours, proc)
     observed: list[str] = []
@@ -259,6 +259,7 @@ def replay(case: dict[str, Any], qemu_system: str, folder: Path) -> list[str]:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         ours.close()
+        stdout.close()
     observed.append(exit_line(proc.returncode, killed))
     err = (folder / "qemu.stderr").read_text(errors="replace").strip()
     if err:
