@@ -28,9 +28,6 @@ class Conversation:
         self._logged_events = 0
         self.dropped_events: Counter[str] = Counter()
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self._t0
-
     def record(self, direction: str, message: Any) -> None:
         """``direction``: '>' sent to QEMU, '<' received, '#' a note of the harness."""
         if self._fh.closed:
@@ -40,7 +37,7 @@ class Conversation:
                 self.dropped_events[message["event"]] += 1
                 return
             self._logged_events += 1
-        entry = {"t": round(self.elapsed(), 6), "dir": direction, "msg": message}
+        entry = {"t": round(time.monotonic() - self._t0, 6), "dir": direction, "msg": message}
         self._fh.write(json.dumps(entry, default=str) + "\n")
 
     def note(self, text: str) -> None:

@@ -230,11 +230,6 @@ class Machine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def add_args(self, *args: str) -> None:
-        if self._proc is not None:
-            raise RuntimeError("add_args() after launch()")
-        self._args.extend(args)
-
     # ---------------------------------------------------------------- launch
     def _monitor_args(self, fd: int) -> list[str]:
         chardev = ["-chardev", f"socket,id=qmp,fd={fd}"]
