@@ -10,7 +10,8 @@ it observed.  The script recreates the images in a temporary folder, starts QEMU
 with QMP on a socketpair, sends the same commands, waits (bounded) for the same
 events, and compares what it observes with the recording: each command's reply
 (ok, or the error), each HMP command's qemu-io error line, each awaited event's
-name and key data, and how QEMU exited.
+name and key data, how QEMU exited, and a guest's result line for each of its I/O
+operations.
 
 Exit status: 1 if the recorded outcome shows again (the bug reproduces),
 0 if it does not (the differences are printed), 2 if the replay could not run.
@@ -79,6 +80,13 @@ def event_line(event: dict[str, Any]) -> str:
 def wait_line(wanted: list[dict[str, Any]], got: dict[str, Any] | None) -> str:
     names = " or ".join(w["event"] for w in wanted)
     return f"wait {names} -> {event_line(got) if got else 'did not come'}"
+
+
+def guest_lines(console: str) -> list[str]:
+    """The result line the test's guest printed for each of its I/O operations, without
+    times (``CBW-RESULT i=0 op=write dev=/dev/vda ... rc=1 err="Input/output error"``)."""
+    return ["guest " + re.sub(r" t[01]=[\d.]+", "", line.strip().split(" ", 1)[1])
+            for line in console.splitlines() if line.strip().startswith("CBW-RESULT ")]
 
 
 def exit_line(code: int | None, killed: bool) -> str:
@@ -261,6 +269,9 @@ def replay(case: dict[str, Any], qemu_system: str, folder: Path) -> list[str]:
         ours.close()
         stdout.close()
     observed.append(exit_line(proc.returncode, killed))
+    console = folder / "console.log"
+    if console.exists():
+        observed += guest_lines(console.read_text(errors="replace"))
     err = (folder / "qemu.stderr").read_text(errors="replace").strip()
     if err:
         print("QEMU's stderr (tail):\n  " + "\n  ".join(err.splitlines()[-10:]))

@@ -92,6 +92,9 @@ def build_case(qmp_log: Path, test: str, failure: str) -> dict[str, Any]:
         step.pop("hmp-output", None)
     case["observed"].append(replay.exit_line(exit_info.get("exit"),
                                              bool(exit_info.get("killed-by-harness"))))
+    console = qmp_log.parent / f"{name}.console.log"
+    if console.exists():
+        case["observed"] += replay.guest_lines(console.read_text(errors="replace"))
     case["name"] = name
     return case
 

@@ -141,3 +141,26 @@ def test_replay_script_uses_the_standard_library_only():
                               re.M))
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
     assert shutil.which("python3")
+
+
+GUEST_WRONG_EXPECTATION = """
+from harness.guest.console import Write
+from harness.guest.vm import GuestDisk, guest_devices, run_guest
+from harness.scenarios.cbw import CHUNK, GUEST_WRITES, NEW, Fault
+def test_guest_wrong(launch_vm, images, guest_image):
+    disk = GuestDisk("d0", werror="report", fault=Fault("target-write"))
+    dev = guest_devices([disk])["d0"]
+    run = run_guest(launch_vm, images, guest_image, [disk],
+                    [Write(dev, GUEST_WRITES[0], CHUNK, NEW)])
+    assert run.ops_on("d0")[0].ok, "expected the guest write to succeed"
+"""
+
+
+@pytest.mark.guest
+def test_failed_guest_test_replays_with_the_guests_results(tmp_path, qemu_build, guest_image):
+    result = run_pytest(tmp_path, GUEST_WRONG_EXPECTATION, build=qemu_build)
+    assert result.returncode == 1, result.stdout
+    replayed = run_replay(kept_folder(tmp_path / "artifacts"), qemu_build.qemu_system)
+    assert replayed.returncode == 1, replayed.stdout + replayed.stderr
+    assert re.search(r'guest i=0 op=write dev=/dev/vda .* rc=1 .*err="Input/output error"',
+                     replayed.stdout), replayed.stdout
