@@ -395,7 +395,7 @@ class _Session:
         while True:
             left = deadline - time.monotonic()
             try:
-                if left <= 0:  # (a timeout of 0 would mean the machine's default)
+                if left <= 0:
                     raise WaitTimeout("no time left")
                 event = vm.wait_any_event(wanted, timeout=left)
             except WaitTimeout:
