@@ -25,8 +25,23 @@ class MissingCapability(HarnessError):
     """The build under test lacks something a test needs."""
 
 
+class CommandFailed(HarnessError):
+    """QEMU answered a QMP command with an error: QEMU itself is fine (as
+    ``qemu.qmp``'s ``ExecuteError``).  Not a :class:`QEMUError`: code that handles a
+    dead or hung QEMU must not catch a refused command."""
+
+    def __init__(self, command: str, arguments: dict[str, object], error_class: str,
+                 desc: str) -> None:
+        self.command = command
+        self.arguments = arguments  # not 'args': that is BaseException's, and gets overwritten
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QMP {command} failed: {error_class}: {desc}")
+
+
 class QEMUError(HarnessError):
-    """Something went wrong with a running QEMU; carries its context."""
+    """The QEMU process itself misbehaved (did not start, died, hung, exited
+    abnormally) or an awaited event did not come; carries its context."""
 
     def __init__(self, message: str, *, cmdline: Sequence[str] = (),
                  log_tail: str = "", exitcode: int | None = None):
@@ -59,16 +74,9 @@ class WaitTimeout(QEMUError):
     """An awaited event or state did not come in time, while QEMU kept answering."""
 
 
-class CommandFailed(QEMUError):
-    """A QMP command returned an error."""
-
-    def __init__(self, command: str, arguments: dict[str, object], error_class: str, desc: str,
-                 **kw: object) -> None:
-        self.command = command
-        self.arguments = arguments  # not 'args': that is BaseException's, and gets overwritten
-        self.error_class = error_class
-        self.desc = desc
-        super().__init__(f"QMP {command} failed: {error_class}: {desc}", **kw)  # type: ignore[arg-type]
+class AbnormalShutdown(QEMUError):
+    """QEMU ended on a signal or a non-zero exit status, or ignored ``quit`` and had to
+    be killed (as ``QEMUMachine.shutdown()``'s ``AbnormalShutdown``)."""
 
 
 def describe_exit(code: int | None) -> str:

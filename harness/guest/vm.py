@@ -375,9 +375,10 @@ class _Session:
         try:
             state = vm.wait_for(ready_or_ended, "the guest's CBW-READY line",
                                 timeout=max(deadline - time.monotonic(), 0.001))
-        except QEMUDied:
-            raise GuestError(f"QEMU exited before the guest was ready (CBW-READY); "
-                             f"its last output:\n{vm.log_tail()}", vm.console_text) from None
+        except QEMUDied as exc:
+            raise GuestError(f"QEMU exited before the guest was ready (CBW-READY): "
+                             f"{exc.message}; its last output:\n{vm.log_tail()}",
+                             vm.console_text) from None
         except WaitTimeout:
             raise GuestError(f"the guest was not ready (CBW-READY) within "
                              f"{self.ready_timeout:g} s", vm.console_text) from None
@@ -394,7 +395,7 @@ class _Session:
         while True:
             left = deadline - time.monotonic()
             try:
-                if left <= 0:  # (a timeout of 0 would mean the machine's default)
+                if left <= 0:
                     raise WaitTimeout("no time left")
                 event = vm.wait_any_event(wanted, timeout=left)
             except WaitTimeout:

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..block.images import Images
-from ..errors import HarnessError
+from ..errors import AbnormalShutdown, HarnessError
 from ..qemu import builds, probe
 from ..qemu.conversation import render
 from ..qemu.machine import Machine
+from ..qemu.reproducer import write_replay
 from ..qemu.transcript import Transcript, compare, reference_path
 from .reference import regenerate
 from .session import (
@@ -43,6 +44,9 @@ _live_machines: weakref.WeakSet[Machine] = weakref.WeakSet()
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
 _workdir_key = pytest.StashKey[Path]()
 _run_key = pytest.StashKey[HarnessRun]()
+# The test's failure line for replay.py, and abnormal QEMU exits met at teardown.
+_failure_key = pytest.StashKey[str]()
+_teardown_failures = pytest.StashKey[list[str]]()
 
 
 @atexit.register
@@ -74,6 +78,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="where failed tests keep their QMP log, QEMU output and reproducer")
     g.addoption("--keep-all-artifacts", action="store_true",
                 help="keep the folder of passing tests too")
+    g.addoption("--keep-replays", action="store_true",
+                help="keep the folder (with replay.py) of expected failures (known QEMU "
+                     "departures) too, as of failed tests")
     g.addoption("--regen-reference", action="store_true",
                 help="rewrite the reference transcripts (.out) from this run; on a build "
                      f"other than release {builds.DEFAULT_RELEASE}, only "
@@ -94,6 +101,8 @@ def pytest_configure(config: pytest.Config) -> None:
                             "has these capabilities (see harness.qemu.probe.CAPABILITIES)")
     config.addinivalue_line("markers", "guest: boots a real Linux guest (deselect: -m 'not guest')")
     config.addinivalue_line("markers", "selftest: a test of the harness itself")
+    config.addinivalue_line("markers", "expect_abnormal_exit(reason): the test's QEMUs may "
+                            "end on a signal or a non-zero status without failing it")
     if config.option.help or config.option.version:
         return  # --help / --version: no build, no folders
     worker = getattr(config, "workerinput", None)
@@ -151,9 +160,15 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
     request.node.stash[_workdir_key] = path
     yield path
     reports = request.node.stash.get(_phase_reports, {})
-    failed = any(r.failed for r in reports.values())
-    if failed or request.config.getoption("keep_all_artifacts"):
-        _keep_artifacts(path, _artifacts_dir(request.node))
+    failed = any(r.failed for r in reports.values()) or \
+        bool(request.node.stash.get(_teardown_failures, []))
+    xfailed = any(hasattr(r, "wasxfail") for r in reports.values())
+    if failed or request.config.getoption("keep_all_artifacts") or \
+            (xfailed and request.config.getoption("keep_replays")):
+        dest = _artifacts_dir(request.node)
+        _keep_artifacts(path, dest)
+        write_replay(dest, request.node.nodeid,
+                     request.node.stash.get(_failure_key, "(the test passed)"))
     else:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -218,8 +233,21 @@ def launch_vm(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
         return vm.launch()
 
     yield launch
+    # QEMU's exit is part of the verdict: an abort or a non-zero status (also in answer
+    # to quit) fails the test, unless it declared it expects one.
+    mark = request.node.get_closest_marker("expect_abnormal_exit")
+    problems: list[AbnormalShutdown] = []
     for vm in started:
-        vm.shutdown()
+        if mark is not None:
+            vm.expect_abnormal_exit(str(mark.args[0]) if mark.args else "marked")
+        try:
+            vm.shutdown()
+        except AbnormalShutdown as exc:
+            problems.append(exc)
+    if problems:
+        request.node.stash[_teardown_failures] = [str(p) for p in problems]
+        request.node.stash.setdefault(_failure_key, problems[0].message)
+        raise problems[0]
 
 
 # ------------------------------------------------------ reports and summary
@@ -228,6 +256,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
                               ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
     item.stash.setdefault(_phase_reports, {})[report.when] = report
+    if call.excinfo is not None and _failure_key not in item.stash:
+        item.stash[_failure_key] = call.excinfo.exconly().splitlines()[0][:300]
     workdir = item.stash.get(_workdir_key, None)
     if report.failed and workdir is not None:
         report.sections.append(("cbw-harness", _failure_context(item, workdir)))
@@ -235,14 +265,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
 
 
 def _failure_context(item: pytest.Item, workdir: Path) -> str:
+    """Where the test's files will be kept, and the last QMP messages of each QEMU.
+
+    Read from the test's folder, or from its artifacts once moved there (a failure at
+    teardown is reported after the move); the paths shown are those that stay.
+    """
     dest = _artifacts_dir(item)
+    folder = workdir if workdir.is_dir() else dest
     lines = [f"artifacts: {dest}"]
-    for log in sorted(workdir.glob("*.qmp.log")):
+    logs = sorted(folder.glob("*.qmp.log"))
+    if logs:
+        lines.append(f"replay by hand: python3 {dest / 'replay.py'} <qemu-system-x86_64>"
+                     + (" --case <vm>.replay.json" if len(logs) > 1 else ""))
+    for log in logs:
         name = log.name[: -len(".qmp.log")]
-        lines.append(f"reproduce {name} by hand: sh {dest / (name + '.reproduce.sh')}")
-        lines.append(f"last QMP messages of {name}:")
+        lines.append(f"last QMP messages of {name} ({dest / (name + '.conversation.txt')}):")
         lines.append(render(log, 25))
-        err = workdir / f"{name}.stderr"
+        err = folder / f"{name}.stderr"
         if err.exists() and err.stat().st_size:
             tail = err.read_text(errors="replace").strip().splitlines()[-10:]
             lines.append(f"{name} stderr (tail):\n  " + "\n  ".join(tail))

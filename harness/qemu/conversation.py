@@ -22,13 +22,11 @@ class Conversation:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fh = open(path, "a", buffering=1, encoding="utf-8")
+        # Open for the machine's life, line-buffered: the log survives a killed test.
+        self._fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._t0 = time.monotonic()
         self._logged_events = 0
         self.dropped_events: Counter[str] = Counter()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._t0
 
     def record(self, direction: str, message: Any) -> None:
         """``direction``: '>' sent to QEMU, '<' received, '#' a note of the harness."""
@@ -39,7 +37,7 @@ class Conversation:
                 self.dropped_events[message["event"]] += 1
                 return
             self._logged_events += 1
-        entry = {"t": round(self.elapsed(), 6), "dir": direction, "msg": message}
+        entry = {"t": round(time.monotonic() - self._t0, 6), "dir": direction, "msg": message}
         self._fh.write(json.dumps(entry, default=str) + "\n")
 
     def note(self, text: str) -> None:
@@ -59,7 +57,7 @@ def render(path: Path, limit: int = 400) -> str:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     out = []
     if len(lines) > limit:
-        out.append(f"... {len(lines) - limit} earlier entries in {path}")
+        out.append(f"... {len(lines) - limit} earlier entries in {path.name}")
         lines = lines[-limit:]
     for line in lines:
         try:

@@ -34,6 +34,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.qmp_client import ExecuteError
 
 from ..errors import (
+    AbnormalShutdown,
     CommandFailed,
     LaunchFailure,
     QEMUDied,
@@ -44,6 +45,8 @@ from ..errors import (
 )
 from .builds import QemuBuild
 from .conversation import Conversation
+from .replay import qemu_io_error
+from .reproducer import images_folder
 
 T = TypeVar("T")
 
@@ -51,7 +54,7 @@ LAUNCH_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 20.0
 EVENT_TIMEOUT = 30.0
 QUIT_TIMEOUT = 3.0
-MAX_KEPT_EVENTS = 100_000  # per event name: a flood of one cannot push out a rare one
+MAX_KEPT_EVENTS = 10_000  # per event name: a flood of one cannot push out a rare one
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,6 +75,33 @@ def supports_monitor_object(qemu_system: str) -> bool:
     return re.search(r"^\s*monitor-qmp\s*$", out.stdout, re.M) is not None
 
 
+def _copy_sparse(src: Path, dest: Path) -> None:
+    """Copy ``src``, only its data: holes stay holes (a fresh image is mostly holes)."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:  # in the kernel, no copy through Python
+                offset += os.copy_file_range(fin.fileno(), fout.fileno(), end - offset,
+                                             offset, offset) or end - offset
+            pos = end
+
+
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and let it finish; what it raised no longer matters (but a
+    KeyboardInterrupt still does)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 def _sh_quote_relocatable(arg: str, folder: str) -> str:
     """Quote ``arg`` for sh, with ``folder`` replaced by ``"$HERE"`` (artifacts move)."""
     pieces = arg.split(folder)
@@ -87,7 +117,7 @@ def _partial_match(actual: Any, wanted: Any) -> bool:
     if isinstance(wanted, Mapping):
         return isinstance(actual, Mapping) and all(
             k in actual and _partial_match(actual[k], v) for k, v in wanted.items())
-    return actual == wanted
+    return bool(actual == wanted)
 
 
 @dataclass(frozen=True)
@@ -100,14 +130,7 @@ class QemuIoResult:
     @property
     def error(self) -> str | None:
         """The error text (``Input/output error``) of the first failure line, if any."""
-        for line in self.output.splitlines():
-            m = re.search(r"\b(?:read|write|writev|readv|aio_\w+|flush|discard|"
-                          r"write_zeroes|pwrite|pread)\S* failed: (.+)$", line)
-            if m:
-                return m.group(1).strip()
-            if "Pattern verification failed" in line or "qemu-io:" in line:
-                return line.strip()
-        return None
+        return qemu_io_error(self.output)
 
     @property
     def ok(self) -> bool:
@@ -128,6 +151,11 @@ class _RecordingClient(QMPClient):
     def _cb_inbound(self, msg):  # type: ignore[no-untyped-def]
         self._observe("<", dict(msg))
         return super()._cb_inbound(msg)
+
+    async def _event_dispatch(self, msg):  # type: ignore[no-untyped-def]
+        """Events go to the machine only (through :meth:`_cb_inbound`), whose list is
+        capped.  qemu.qmp's default listener (``self.events``) would queue every event,
+        unbounded: a job that ignores an error emits ~150,000 a second."""
 
 
 class Machine:
@@ -160,10 +188,14 @@ class Machine:
         self._events: list[dict[str, Any]] = []
         self._consumed: set[int] = set()
         self._unconsumed_from = 0  # every event before this index has been consumed
-        self._dropped_events = 0
         self._kept_by_name: Counter[str] = Counter()
         self._stdout_offset = 0
         self._killed_by_harness = False
+        self._shut_down = False
+        self._death_reported = False  # QEMUDied / QEMUUnresponsive raised: the test knows
+        self._expected_exit: str | None = None
+        self._waits = 0
+        self._wait_of_event: dict[int, int] = {}  # id(event) -> the wait that returned it
         self.cmdline: list[str] = []
         self.conversation: Conversation | None = None
         self.console_enabled = console
@@ -198,17 +230,12 @@ class Machine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def add_args(self, *args: str) -> None:
-        if self._proc is not None:
-            raise RuntimeError("add_args() after launch()")
-        self._args.extend(args)
-
     # ---------------------------------------------------------------- launch
     def _monitor_args(self, fd: int) -> list[str]:
         chardev = ["-chardev", f"socket,id=qmp,fd={fd}"]
         if supports_monitor_object(str(self.build.qemu_system)):
-            return chardev + ["-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"]
-        return chardev + ["-mon", "chardev=qmp,mode=control"]
+            return [*chardev, "-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"]
+        return [*chardev, "-mon", "chardev=qmp,mode=control"]
 
     def _base_args(self) -> list[str]:
         return [str(self.build.qemu_system), "-nodefaults", "-display", "none",
@@ -233,7 +260,9 @@ class Machine:
                                  "-serial", "chardev:console"]
             self._write_reproducer()
             self.conversation = Conversation(self.qmp_log_path)
-            self.conversation.note("launch: " + shlex.join(self.cmdline))
+            self.conversation.record("#", {"launch": self.cmdline, "workdir": str(self.workdir),
+                                           "command-timeout": self.command_timeout,
+                                           "images": self._save_images()})
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
                 try:
                     self._proc = subprocess.Popen(
@@ -253,17 +282,41 @@ class Machine:
         self._changed = asyncio.Event()
         self._watch_exit()
         if self._console_sock is not None:
-            self._console_log = open(self.console_path, "wb", buffering=0)
+            # Open for the machine's life; closed in _close_loop().
+            self._console_log = open(self.console_path, "wb", buffering=0)  # noqa: SIM115
             self._console_sock.setblocking(False)
             self._loop.add_reader(self._console_sock.fileno(), self._on_console)
         self._client = _RecordingClient(self.name, self._on_message)
         try:
             self._run(self._client.connect(ours), self.launch_timeout, "the QMP greeting")
         except QEMUError as exc:
+            self.expect_abnormal_exit("it failed to start: LaunchFailure says so")
             self.shutdown()
             raise LaunchFailure(f"QEMU failed to start: {exc.message}", cmdline=self.cmdline,
                                 log_tail=self.log_tail(), exitcode=self.exitcode) from None
         return self
+
+    def _save_images(self) -> str | None:
+        """Copy the files of the test's folder that the command line names, as they are
+        before QEMU starts, for ``replay.py``; returns the folder (None: nothing to copy).
+
+        Not needed where the test's images were made by a recorded recipe
+        (``images.jsonl``), which replays them.
+        """
+        if (self.workdir / "images.jsonl").exists():
+            return None
+        folder = self.workdir / images_folder(self.name)
+        prefix = re.escape(str(self.workdir) + "/")
+        saved = False
+        for arg in self._args:
+            for match in re.findall(prefix + r'[^",\s]+', arg):
+                src = Path(match)
+                if src.is_file() and folder not in src.parents:
+                    dest = folder / src.relative_to(self.workdir)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _copy_sparse(src, dest)
+                    saved = True
+        return folder.name if saved else None
 
     def _watch_exit(self) -> None:
         assert self._loop and self._proc and self._exited
@@ -301,9 +354,10 @@ class Machine:
         quoted = " \\\n    ".join(_sh_quote_relocatable(a, str(self.workdir)) for a in args)
         self.reproducer_path.write_text(
             "#!/bin/sh\n"
-            f"# Runs QEMU as the harness did for {self.name!r}; QMP listens on ./qmp.sock\n"
-            "# (connect with: qmp-shell qmp.sock). The commands the test sent are in\n"
-            f"# {self.qmp_log_path.name}; images are in this folder.\n"
+            f"# Runs QEMU as the harness did for {self.name!r}, to poke at by hand; QMP\n"
+            "# listens on ./qmp.sock (qmp-shell qmp.sock).  The images are as the test\n"
+            "# left them; replay.py starts from them as they were and resends the\n"
+            f"# commands of {self.qmp_log_path.name}.\n"
             'HERE="$(cd "$(dirname "$0")" && pwd)"\ncd "$HERE"\n'
             f"exec {quoted}\n")
         self.reproducer_path.chmod(0o755)
@@ -316,8 +370,6 @@ class Machine:
             if self._kept_by_name[msg["event"]] < MAX_KEPT_EVENTS:
                 self._kept_by_name[msg["event"]] += 1
                 self._events.append(msg)
-            else:
-                self._dropped_events += 1
             if self._new_event:
                 self._new_event.set()
             if self._changed:
@@ -333,7 +385,8 @@ class Machine:
     async def _guarded(self, aw: Awaitable[T], timeout: float, what: str, waiting: bool) -> T:
         assert self._exited is not None
         task = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait({task, self._exited}, timeout=timeout,
+        racing: set[asyncio.Future[Any]] = {task, self._exited}
+        done, _ = await asyncio.wait(racing, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done and not task.cancelled() and task.exception() is None:
             return task.result()
@@ -348,10 +401,9 @@ class Machine:
                 raise QEMUError(f"{self.name}: {what} failed: {exc!r}", cmdline=self.cmdline,
                                 log_tail=self.log_tail()) from exc
         else:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await _cancelled(task)
         if self._exited.done():
+            self._death_reported = True
             raise QEMUDied(f"{self.name}: QEMU exited ({describe_exit(self._exited.result())}) "
                            f"while the harness waited for {what}", cmdline=self.cmdline,
                            log_tail=self.log_tail(), exitcode=self._exited.result())
@@ -359,6 +411,7 @@ class Machine:
             raise WaitTimeout(f"{self.name}: timed out after {timeout:g}s waiting for {what} "
                               "(QEMU still answers QMP)", cmdline=self.cmdline,
                               log_tail=self.log_tail())
+        self._death_reported = True
         raise QEMUUnresponsive(
             f"{self.name}: QEMU stopped answering QMP: no reply within {timeout:g}s to {what} "
             f"(process {self._process_state()})", cmdline=self.cmdline, log_tail=self.log_tail())
@@ -369,9 +422,7 @@ class Machine:
         done, _ = await asyncio.wait({task}, timeout=2.0)
         if task in done and task.exception() is None:
             return True
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        await _cancelled(task)
         return False
 
     def _process_state(self) -> str:
@@ -409,7 +460,7 @@ class Machine:
                              f"QMP {command}")
         except ExecuteError as exc:
             raise CommandFailed(command, dict(args or {}), exc.error.error.class_,
-                                exc.error.error.desc, cmdline=self.cmdline) from None
+                                exc.error.error.desc) from None
 
     def qmp(self, command: str, args: Mapping[str, Any] | None = None, *,
             timeout: float | None = None) -> dict[str, Any]:
@@ -420,25 +471,23 @@ class Machine:
         except CommandFailed as exc:
             return {"error": {"class": exc.error_class, "desc": exc.desc}}
 
-    def hmp(self, command_line: str) -> str:
-        return str(self.cmd("human-monitor-command", {"command-line": command_line}))
-
-    def qemu_io(self, target: str, command: str, *, device: bool = True) -> QemuIoResult:
-        """Run ``qemu-io`` on a guest device (``-d``) or a node, as a guest would write.
-
-        qemu-io prints on QEMU's stdout, not in the QMP reply: collect both.
-        """
-        escaped = command.replace("\\", "\\\\").replace('"', '\\"')
-        line = f'qemu-io {"-d " if device else ""}{target} "{escaped}"'
+    def hmp(self, command_line: str, *, timeout: float | None = None) -> str:
+        """Run an HMP command; returns its reply and what QEMU printed on stdout meanwhile
+        (qemu-io prints there, not in the reply)."""
         start = self.stdout_path.stat().st_size
-        reply = self.hmp(line)
+        reply = str(self.cmd("human-monitor-command", {"command-line": command_line},
+                             timeout=timeout))
         with open(self.stdout_path, "rb") as fh:
             fh.seek(start)
-            printed = fh.read().decode(errors="replace")
-        result = QemuIoResult(command, (reply + printed).strip())
-        if self.conversation:
-            self.conversation.note(f"qemu-io {target} {command!r} -> {result.output!r}")
-        return result
+            output = (reply + fh.read().decode(errors="replace")).strip()
+        self._note({"hmp-output": output})
+        return output
+
+    def qemu_io(self, target: str, command: str, *, device: bool = True) -> QemuIoResult:
+        """Run ``qemu-io`` on a guest device (``-d``) or a node, as a guest would write."""
+        escaped = command.replace("\\", "\\\\").replace('"', '\\"')
+        line = f'qemu-io {"-d " if device else ""}{target} "{escaped}"'
+        return QemuIoResult(command, self.hmp(line))
 
     # -------------------------------------------------------------- console
     def _on_console(self) -> None:
@@ -485,32 +534,18 @@ class Machine:
                     return value
                 self._changed.clear()
                 await self._changed.wait()
-        return self._run(watch(), self.event_timeout if timeout is None else timeout, what, waiting=True)
-
-    def console_write(self, data: bytes) -> None:
-        """Send ``data`` to the guest's serial line."""
-        if self._console_sock is None:
-            raise RuntimeError("console_write() needs Machine(console=True)")
-        self._console_sock.setblocking(True)
-        try:
-            self._console_sock.sendall(data)
-        finally:
-            self._console_sock.setblocking(False)
+        return self._run(watch(), self.event_timeout if timeout is None else timeout, what,
+                         waiting=True)
 
     # --------------------------------------------------------------- events
     @property
     def events(self) -> list[dict[str, Any]]:
-        """Every event received so far, in order (call :meth:`pump` to read pending ones)."""
+        """Every event received so far, in order (up to :data:`MAX_KEPT_EVENTS` of a name)."""
         return list(self._events)
 
     def events_named(self, name: str, data: Mapping[str, Any] | None = None
                      ) -> list[dict[str, Any]]:
         return [e for e in self._events if event_matches(e, name, data)]
-
-    def pump(self, timeout: float = 0.05) -> None:
-        """Let queued events arrive (QMP is only read while the harness waits)."""
-        if self._loop and not self._loop.is_closed() and not self._exited.done():  # type: ignore
-            self._loop.run_until_complete(asyncio.sleep(timeout))
 
     def wait_event(self, name: str, data: Mapping[str, Any] | None = None, *,
                    timeout: float | None = None,
@@ -520,10 +555,7 @@ class Machine:
         Events already received count; each event is returned by at most one wait.
         ``after``: only events received after this one (an event this machine returned).
         """
-        want = f"event {name}" + (f" {dict(data)}" if data else "")
-        return self._run(self._wait_for(lambda e: event_matches(e, name, data),
-                                        self._index_after(after)),
-                         self.event_timeout if timeout is None else timeout, want, waiting=True)
+        return self.wait_any_event([(name, data)], timeout=timeout, after=after)
 
     def _index_after(self, event: Mapping[str, Any] | None) -> int:
         if event is None:
@@ -534,11 +566,34 @@ class Machine:
         raise ValueError("after= must be an event this machine returned")
 
     def wait_any_event(self, wanted: Sequence[tuple[str, Mapping[str, Any] | None]], *,
-                       timeout: float | None = None) -> dict[str, Any]:
-        """The earliest unconsumed event matching any of ``(name, data)``."""
+                       timeout: float | None = None,
+                       after: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The earliest unconsumed event matching any of ``(name, data)``.
+
+        The conversation records what was awaited and what came, so that the wait
+        can be replayed (``replay.py``).
+        """
         want = " or ".join(f"event {n}" + (f" {dict(d)}" if d else "") for n, d in wanted)
-        return self._run(self._wait_for(lambda e: any(event_matches(e, n, d) for n, d in wanted)),
-                         self.event_timeout if timeout is None else timeout, want, waiting=True)
+        limit = self.event_timeout if timeout is None else timeout
+        self._waits += 1
+        record: dict[str, Any] = {
+            "wait": [{"event": n, **({"data": dict(d)} if d else {})} for n, d in wanted],
+            "timeout": limit,
+            "after-wait": None if after is None else self._wait_of_event.get(id(after))}
+        try:
+            event = self._run(self._wait_for(
+                lambda e: any(event_matches(e, n, d) for n, d in wanted),
+                self._index_after(after)), limit, want, waiting=True)
+        except WaitTimeout:
+            self._note({**record, "got": None})
+            raise
+        self._wait_of_event[id(event)] = self._waits
+        self._note({**record, "got": event})
+        return event
+
+    def _note(self, entry: str | dict[str, Any]) -> None:
+        if self.conversation:
+            self.conversation.record("#", entry)
 
     async def _wait_for(self, pred: Callable[[dict[str, Any]], bool],
                         start: int = 0) -> dict[str, Any]:
@@ -560,11 +615,6 @@ class Machine:
         return self.wait_event("JOB_STATUS_CHANGE", {"id": job_id, "status": status},
                                timeout=timeout, after=after)
 
-    def job_statuses(self, job_id: str) -> list[str]:
-        """The ordered JOB_STATUS_CHANGE statuses of one job, as received so far."""
-        return [e["data"]["status"] for e in self.events_named("JOB_STATUS_CHANGE",
-                                                               {"id": job_id})]
-
     # -------------------------------------------------------------- teardown
     @property
     def is_running(self) -> bool:
@@ -576,25 +626,44 @@ class Machine:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, sig)
 
+    def expect_abnormal_exit(self, reason: str) -> None:
+        """Declare that this QEMU may end on a signal, a non-zero status or a SIGKILL
+        after an ignored ``quit``: :meth:`shutdown` then does not raise."""
+        self._expected_exit = reason
+
     def shutdown(self, *, quit_timeout: float = QUIT_TIMEOUT) -> int | None:
         """Stop QEMU whatever state it is in; returns its exit code.
 
         ``quit`` first; if QEMU does not exit within ``quit_timeout``, SIGKILL its
-        process group.  Always closes the connection, the loop and the log.
+        process group (``quit_timeout=0``: SIGKILL at once, on purpose).  Always closes
+        the connection, the loop and the log.  Then raises :class:`AbnormalShutdown` if
+        QEMU ended on a signal or a non-zero status, or ignored ``quit``, unless this
+        was declared (:meth:`expect_abnormal_exit`) or already raised as
+        :class:`QEMUDied` / :class:`QEMUUnresponsive`.  Later calls do nothing.
         """
+        if self._shut_down:
+            return self.exitcode
+        self._shut_down = True
         proc = self._proc
+        ignored_quit = False
         try:
-            if proc is not None and proc.poll() is None and self._client is not None \
-                    and self._loop is not None and not self._loop.is_closed():
-                with contextlib.suppress(Exception):
+            if quit_timeout > 0 and proc is not None and proc.poll() is None \
+                    and self._client is not None and self._loop is not None \
+                    and not self._loop.is_closed():
+                # QEMU may die, hang or drop the connection on quit: the exit status says,
+                # and a death met here is not one the test was told about.
+                reported = self._death_reported
+                with contextlib.suppress(QEMUError, ExecuteError):
                     self._run(self._client.execute("quit"), quit_timeout, "QMP quit")
-                with contextlib.suppress(Exception):
-                    self._run(asyncio.shield(self._exited), quit_timeout,  # type: ignore
+                with contextlib.suppress(QEMUError):
+                    self._run(asyncio.shield(self._exited), quit_timeout,  # type: ignore[arg-type]
                               "QEMU to exit after quit")
+                ignored_quit = proc.poll() is None
+                self._death_reported = reported
             if proc is not None and proc.poll() is None:
                 self._killed_by_harness = True
-                if self.conversation:
-                    self.conversation.note("QEMU did not exit after quit: SIGKILL")
+                self._note("QEMU did not exit after quit: SIGKILL" if ignored_quit else
+                           "SIGKILL, no quit (quit_timeout=0)")
                 self.kill(signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
@@ -606,25 +675,41 @@ class Machine:
         finally:
             self._close_loop()
             if self.conversation:
+                self.conversation.record("#", {"exit": self.exitcode,
+                                               "killed-by-harness": self._killed_by_harness})
                 self.conversation.note(f"QEMU ended: {describe_exit(self.exitcode)}")
                 self.conversation.close()
+        problem = self._abnormal_exit(ignored_quit, quit_timeout)
+        if problem and not self._death_reported and self._expected_exit is None:
+            raise AbnormalShutdown(f"{self.name}: {problem}", cmdline=self.cmdline,
+                                   log_tail=self.log_tail(), exitcode=self.exitcode)
         return self.exitcode
+
+    def _abnormal_exit(self, ignored_quit: bool, quit_timeout: float) -> str | None:
+        """What was abnormal about QEMU's end, if anything."""
+        if ignored_quit:
+            return (f"QEMU did not exit within {quit_timeout:g}s of quit and was killed "
+                    f"({describe_exit(self.exitcode)})")
+        if self.exitcode is None or self.exitcode == 0:
+            return None
+        if self._killed_by_harness and self.exitcode == -signal.SIGKILL:
+            return None  # shutdown(quit_timeout=0): killed on purpose
+        return f"QEMU ended abnormally: {describe_exit(self.exitcode)}"
 
     def _close_loop(self) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         if self._client is not None:
-            with contextlib.suppress(BaseException):
+            # The connection may be gone or broken already (QEMU exited): that is fine.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
         if self._pidfd is not None:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self._pidfd)
+            loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
         if self._console_sock is not None:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self._console_sock.fileno())
+            loop.remove_reader(self._console_sock.fileno())
             with contextlib.suppress(BlockingIOError, OSError):
                 while data := self._console_sock.recv(65536):  # what is left in the socket
                     self._console_buf += data
@@ -635,8 +720,7 @@ class Machine:
             self._console_log.close()
         for task in asyncio.all_tasks(loop):
             task.cancel()
-        with contextlib.suppress(BaseException):
-            loop.run_until_complete(asyncio.sleep(0))
+        loop.run_until_complete(asyncio.sleep(0))  # let the cancelled tasks finish
         loop.close()
 
     @property

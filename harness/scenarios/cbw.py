@@ -508,7 +508,9 @@ class Scenario:
 
     # ------------------------------------------------------------ verdicts
     def stop(self) -> None:
-        """Shut QEMU down so the images can be read offline."""
+        """Shut QEMU down so the images can be read offline; raises
+        :class:`~harness.errors.AbnormalShutdown` if QEMU ended abnormally (an abort
+        in answer to ``quit`` is a block-layer bug too)."""
         if self.vm is not None:
             self.vm.shutdown()
 

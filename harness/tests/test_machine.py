@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import LaunchFailure, QEMUDied, QEMUUnresponsive, WaitTimeout
+from harness.errors import (
+    AbnormalShutdown,
+    CommandFailed,
+    LaunchFailure,
+    QEMUDied,
+    QEMUError,
+    QEMUUnresponsive,
+    WaitTimeout,
+)
 from harness.qemu.machine import Machine
 
 pytestmark = pytest.mark.selftest
@@ -134,7 +142,7 @@ def test_reproducer_script_starts_the_same_qemu(launch_vm, workdir):
                 sock.connect(str(sock_path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
-                assert proc.poll() is None, proc.stderr.read().decode()
+                assert proc.poll() is None, proc.communicate()[1].decode()
                 assert time.monotonic() < deadline, "reproducer's QEMU never listened"
                 time.sleep(0.05)
         greeting = json.loads(sock.makefile().readline())
@@ -156,3 +164,43 @@ def test_images_pattern_checks_with_the_builds_tools(images):
     assert not images.identical(img, other, "raw", "raw")
     images.write(other, 0x5A, 0, "64k", "raw")
     assert images.identical(img, other, "raw", "raw")
+
+
+def test_refused_command_is_not_a_qemu_error(launch_vm):
+    """A refused command leaves QEMU fine: the process-error branches must not catch it."""
+    vm = launch_vm()
+    with pytest.raises(CommandFailed) as info:
+        vm.cmd("no-such-command")
+    assert not isinstance(info.value, QEMUError)
+    assert info.value.error_class == "CommandNotFound"
+    assert vm.qmp("no-such-command")["error"]["class"] == "CommandNotFound"
+
+
+def test_quit_timeout_zero_kills_at_once_without_quit(launch_vm):
+    vm = launch_vm()
+    start = time.monotonic()
+    assert vm.shutdown(quit_timeout=0) == -signal.SIGKILL  # on purpose: no AbnormalShutdown
+    assert time.monotonic() - start < 2
+    assert '"quit"' not in vm.qmp_log_path.read_text()
+
+
+def test_ignored_quit_is_an_abnormal_shutdown(launch_vm):
+    vm = launch_vm()
+    vm.kill(signal.SIGSTOP)  # it cannot answer quit
+    with pytest.raises(AbnormalShutdown) as info:
+        vm.shutdown(quit_timeout=0.5)
+    assert "did not exit within 0.5s of quit" in str(info.value)
+    assert vm.killed_by_harness
+    vm.shutdown()  # once raised, never again (the fixture's teardown calls it too)
+
+
+def test_qmp_library_queues_no_events(launch_vm):
+    """Events are kept once, in the machine's capped list, not also in qemu.qmp's
+    default listener, which is unbounded."""
+    vm = launch_vm()
+    for _ in range(3):
+        vm.cmd("stop")
+        vm.cmd("cont")
+    vm.wait_event("RESUME")
+    assert len(vm.events) == 6
+    assert vm._client is not None and vm._client.events.empty()

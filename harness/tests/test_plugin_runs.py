@@ -104,10 +104,10 @@ def test_passes(launch_vm):
     folder = tmp_path / "artifacts" / kept[0]
     names = {p.name for p in folder.iterdir()}
     assert {"vm0.qmp.log", "vm0.conversation.txt", "vm0.stdout", "vm0.stderr",
-            "vm0.reproduce.sh"} <= names
+            "vm0.reproduce.sh", "vm0.replay.json", "replay.py"} <= names
     conversation = (folder / "vm0.conversation.txt").read_text()
     assert '"execute": "stop"' in conversation and '"event": "STOP"' in conversation
-    assert "reproduce vm0 by hand: sh " in result.stdout  # shown in the failure report
+    assert f"replay by hand: python3 {folder / 'replay.py'} " in result.stdout
 
 
 def test_deep_tmpdir_run(tmp_path, qemu_build):
