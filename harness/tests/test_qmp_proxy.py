@@ -26,14 +26,16 @@ def proxied(tmp_path, qemu_build) -> builds.QemuBuild:
     return builds.QemuBuild(out / "qemu-system-x86_64", out / "qemu-img", out / "qemu-io")
 
 
-def qemu_of(proxy_pid: int) -> int:
+def qemu_of(proxy_pid: int | None) -> int:
     """The pid of the real QEMU, the proxy's only child."""
+    assert proxy_pid is not None
     children = Path(f"/proc/{proxy_pid}/task/{proxy_pid}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
 
 
-def wait_gone(pid: int, timeout: float = 5) -> bool:
+def wait_gone(pid: int | None, timeout: float = 5) -> bool:
+    assert pid is not None
     deadline = time.monotonic() + timeout
     while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
