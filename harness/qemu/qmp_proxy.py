@@ -18,6 +18,7 @@ the departures of :mod:`harness.scenarios.departures` they fix.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -351,7 +352,8 @@ class Relay:
         self._bufs = {client.fileno(): bytearray(), qemu.fileno(): bytearray()}
         self._held: collections.deque[Message] = collections.deque()
         self._hold: tuple[Callable[[Message], bool], float] | None = None
-        self._waiting_hidden: dict[str, Callable[[Message], None] | None] = {}
+        # hidden command id -> (what to do with its reply, when to stop waiting for it)
+        self._waiting_hidden: dict[str, tuple[Callable[[Message], None] | None, float]] = {}
         self._commands: collections.deque[Message] = collections.deque()  # awaiting replies
         self._next_id = 0
         self.client_open = True
@@ -370,7 +372,7 @@ class Relay:
         caller's commands wait until the reply came."""
         self._next_id += 1
         ident = f"{HIDDEN_ID}{self._next_id}"
-        self._waiting_hidden[ident] = on_reply
+        self._waiting_hidden[ident] = (on_reply, time.monotonic() + HOLD_TIMEOUT)
         self._send(self.qemu_sock, {"execute": execute, "arguments": arguments, "id": ident})
 
     def hold_until(self, condition: Callable[[Message], bool]) -> None:
@@ -410,9 +412,14 @@ class Relay:
 
     def release(self) -> None:
         """Pass on the held commands, as long as no rule holds them."""
-        if self._hold is not None and time.monotonic() > self._hold[1]:
-            note("a rule's hold timed out: passing the commands on")
+        now = time.monotonic()
+        if self._hold is not None and now > self._hold[1]:
+            note("the awaited event did not come: passing the held commands on")
             self._hold = None
+        for ident, (_, deadline) in list(self._waiting_hidden.items()):
+            if now > deadline:
+                note(f"no reply to the proxy's command {ident}: passing the held commands on")
+                del self._waiting_hidden[ident]
         while self._held and not self.holding:
             msg = self._held.popleft()
             out: Message | None = msg
@@ -437,7 +444,7 @@ class Relay:
     def _from_qemu(self, msg: Message) -> None:
         ident = msg.get("id")
         if isinstance(ident, str) and ident.startswith(HIDDEN_ID):
-            callback = self._waiting_hidden.pop(ident, None)
+            callback, _ = self._waiting_hidden.pop(ident, (None, 0.0))
             if callback is not None:
                 callback(msg)
             self.release()
@@ -483,9 +490,15 @@ def _passed_fds(args: list[str]) -> list[int]:
     return [int(m) for a in args for m in re.findall(r"(?:^|,)fd=(\d+)", a)]
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Runs in the child before exec: SIGKILL it when the proxy dies, even if the proxy
+    died before the signal was armed."""
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+    return arm
 
 
 def _exit_like(status: int) -> None:
@@ -523,10 +536,14 @@ def run(config: dict[str, Any], args: list[str]) -> None:
             c.send_signal(sig)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    child = subprocess.Popen([qemu, *args], pass_fds=fds, preexec_fn=_die_with_parent)
+    try:
+        child = subprocess.Popen([qemu, *args], pass_fds=fds,
+                                 preexec_fn=_die_with_parent(os.getpid()))
+    except OSError as exc:
+        note(f"cannot start {qemu}: {exc.strerror}; rebuild the simulated build "
+             "(python -m harness.simulate build ...)")
+        os._exit(127)
     children.append(child)
-    if os.getppid() == 1:  # our own parent died before the child was set up
-        child.kill()
     theirs.close()
     os.set_inheritable(caller_fd, False)
     client = socket.socket(fileno=caller_fd)
@@ -536,13 +553,19 @@ def run(config: dict[str, Any], args: list[str]) -> None:
 
 def _relay_until_exit(relay: Relay, child: subprocess.Popen[bytes]) -> None:
     sel = selectors.DefaultSelector()
-    pidfd = os.pidfd_open(child.pid)
-    sel.register(pidfd, selectors.EVENT_READ, "exit")
+    try:
+        sel.register(os.pidfd_open(child.pid), selectors.EVENT_READ, "exit")
+        poll_interval = 1.0
+    except (AttributeError, OSError):  # no pidfd (old kernel): poll the child
+        poll_interval = 0.05
     sel.register(relay.client_sock, selectors.EVENT_READ, "client")
     sel.register(relay.qemu_sock, selectors.EVENT_READ, "qemu")
     qemu_open = True
     while True:
-        for key, _ in sel.select(timeout=1.0):
+        events = sel.select(timeout=poll_interval)
+        if not events and child.poll() is not None:
+            events = [(selectors.SelectorKey(None, -1, 0, "exit"), 0)]  # type: ignore[arg-type]
+        for key, _ in events:
             if key.data == "exit":
                 # QEMU is gone: pass on what it said last, then leave as it did.
                 relay.qemu_sock.setblocking(False)
@@ -562,11 +585,13 @@ def _relay_until_exit(relay: Relay, child: subprocess.Popen[bytes]) -> None:
             elif key.data == "client":  # the caller hung up: so does QEMU's monitor
                 sel.unregister(sock)
                 relay.client_open = False
-                relay.qemu_sock.shutdown(socket.SHUT_WR)
+                with contextlib.suppress(OSError):
+                    relay.qemu_sock.shutdown(socket.SHUT_WR)
             else:
                 sel.unregister(sock)
                 qemu_open = False
-                relay.client_sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    relay.client_sock.shutdown(socket.SHUT_RDWR)
         relay.release()  # a hold may have timed out
 
 
