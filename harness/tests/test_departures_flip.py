@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def test_runxfail_bisects_on_the_livelock_bounded(tmp_path, qemu_build):
     """--runxfail: the departure is a plain failure on the real build (the harness kills
     the livelocked QEMU in seconds) and a plain pass on the fixed one."""
     test = FLIPS[2].tests
+    start = time.monotonic()
     real = run_suite(tmp_path, qemu_build, test, "--runxfail")
+    assert time.monotonic() - start < 60, "the livelocked QEMU was not ended in time"
     assert real.returncode == 1, real.stdout
     assert "QEMUUnresponsive" in real.stdout
     fixed = make_build(tmp_path / "fixed", qemu_build, [FLIPS[2].departure])
