@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 
-from harness.errors import QEMUUnresponsive
 from harness.scenarios.cbw import CRUISE_SPEED, Fault, Layout, run
 from iotests.expectations import assert_basics, assert_success_means_point_in_time
 
@@ -28,11 +27,7 @@ pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-ac
                                   "blockdev-backup.x-perf")
 
 COMMAND_TIMEOUT = 2.0  # seconds: replies take milliseconds; a livelocked QEMU never replies
-LIVELOCK = pytest.mark.xfail(strict=True, raises=QEMUUnresponsive, reason=(
-    "observed: livelock: at full speed the backup job retries the failing read of the "
-    "broken snapshot (on-source-error=ignore) without yielding, ~150,000 BLOCK_JOB_ERROR "
-    "events/s; QEMU answers no QMP command (not even quit) and ignores SIGTERM; only "
-    "SIGKILL ends it"))
+LIVELOCK = pytest.mark.departure("ignore-on-broken-snapshot-livelocks")
 
 
 @pytest.mark.parametrize("speed", [pytest.param(0, marks=LIVELOCK, id="full-speed"),
