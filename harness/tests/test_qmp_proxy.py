@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import LaunchFailure
+from harness.errors import AbnormalShutdown, LaunchFailure
 from harness.qemu import builds
 from harness.qemu.machine import Machine
 from harness.qemu.qmp_proxy import Fault, hmp_guest_write, qmp_chardev, swap_on_cbw_error
@@ -60,10 +60,11 @@ def test_quit_exits_zero_and_leaves_no_process(proxied, tmp_path):
 def test_qemu_abort_is_the_proxy_abort(proxied, tmp_path):
     vm = Machine(proxied, tmp_path).launch()
     qemu = qemu_of(vm.pid)
-    vm.pump()
     subprocess.run(["kill", "-ABRT", str(qemu)], check=True)
     assert wait_gone(vm.pid), "the proxy outlived QEMU"
-    assert vm.shutdown() == -signal.SIGABRT
+    with pytest.raises(AbnormalShutdown, match="SIGABRT"):
+        vm.shutdown()
+    assert vm.exitcode == -signal.SIGABRT
 
 
 def test_qemu_exit_status_is_mirrored(proxied, tmp_path):
@@ -86,7 +87,8 @@ def test_qemu_dies_with_the_proxy(proxied, tmp_path):
     qemu = qemu_of(vm.pid)
     subprocess.run(["kill", "-KILL", str(vm.pid)], check=True)
     assert wait_gone(qemu), "QEMU outlived its proxy"
-    vm.shutdown()
+    vm.expect_abnormal_exit("the test SIGKILLs the proxy")
+    assert vm.shutdown() == -signal.SIGKILL
 
 
 # ------------------------------------------------------------------ units
