@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness import builds
+from harness.qemu import builds
 from harness.qemu.machine import Machine, supports_monitor_object
 
 

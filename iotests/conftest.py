@@ -7,31 +7,40 @@ from typing import Any
 
 import pytest
 
-from harness.scenarios.cbw import Scenario
+from harness.plugin.rows import observation_row
+from harness.scenarios.cbw import CRUISE_SPEED, Scenario, ScenarioSpec
+
+_MACHINE_OPTIONS = ("name", "command_timeout")
+
+
+def _speed_label(spec: ScenarioSpec) -> str | None:
+    """Tests that pick the job's speed differ by it (the livelock's two runs)."""
+    if spec.release_speed is None:
+        return None
+    return "full speed" if spec.release_speed == 0 else (
+        "speed limit" if spec.release_speed == CRUISE_SPEED else
+        f"speed {spec.release_speed} B/s")
 
 
 @pytest.fixture
 def scenario(launch_vm, images, transcript, summary_row, check_transcript
              ) -> Iterator[Callable[..., Scenario]]:
-    """Factory: ``scenario(layout=..., on_cbw_error=..., fault=...)``.
+    """Factory: ``scenario(layout=..., on_cbw_error=..., fault=...)`` (the fields of
+    :class:`ScenarioSpec`, and ``name=`` / ``command_timeout=`` for the machine).
 
     The scenario's observation becomes a row of the run's summary table;
-    ``summary_note`` (e.g. who read the snapshot) is added to its scenario column.
+    ``summary_note`` (e.g. who read the snapshot) labels its scenario family.
     """
     made: list[tuple[Scenario, str | None]] = []
 
     def make(*, summary_note: str | None = None, **kwargs: Any) -> Scenario:
-        s = Scenario(launch_vm, images, transcript=transcript, **kwargs)
-        made.append((s, summary_note))
+        machine = {k: kwargs.pop(k) for k in _MACHINE_OPTIONS if k in kwargs}
+        s = Scenario(launch_vm, images, ScenarioSpec(**kwargs), transcript=transcript,
+                     **machine)
+        made.append((s, summary_note or _speed_label(s.spec)))
         return s
 
     yield make
     for s, note in made:
         if s.obs.guest_writes or s.obs.job:
-            row = s.obs.summary()
-            policies = {s.on_source_error, s.on_target_error} - {None}
-            if policies:
-                row["scenario"] += f" / job policy {'+'.join(sorted(policies))}"
-            if note:
-                row["scenario"] += f" / {note}"
-            summary_row(**row)
+            summary_row(**observation_row(s.obs, policy=s.spec.policy, note=note))

@@ -30,10 +30,11 @@ from ..errors import ConfigError, ProvisionError
 from ..qemu import debian
 from ..qemu.cache import apt_root, cache_root, locked
 
+_zstandard: Any
 try:
     import zstandard as _zstandard
 except ImportError:  # a declared dependency; the zstd tool stands in where it is missing
-    _zstandard: Any = None
+    _zstandard = None
 
 # The suites of the apt root shared with QEMU provisioning (<cache>/apt/trixie):
 # PrivateApt writes its sources from them, so every user of a root must agree.
@@ -198,7 +199,7 @@ def zstd_decompress(data: bytes) -> bytes:
     if _zstandard is not None:
         try:
             # Streamed: the kernel's frames do not record their size in the header.
-            return _zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            return bytes(_zstandard.ZstdDecompressor().decompressobj().decompress(data))
         except _zstandard.ZstdError as e:
             raise ZstdFailed(f"zstd data does not decompress: {e}") from None
     tool = shutil.which("zstd")

@@ -26,7 +26,6 @@ import socket
 import subprocess
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +43,7 @@ from ..errors import (
 )
 from .builds import QemuBuild
 from .conversation import Conversation
+from .qemu_io import QemuIoResult
 
 T = TypeVar("T")
 
@@ -88,30 +88,6 @@ def _partial_match(actual: Any, wanted: Any) -> bool:
         return isinstance(actual, Mapping) and all(
             k in actual and _partial_match(actual[k], v) for k, v in wanted.items())
     return actual == wanted
-
-
-@dataclass(frozen=True)
-class QemuIoResult:
-    """What an HMP ``qemu-io`` command printed, and whether it failed."""
-
-    command: str
-    output: str
-
-    @property
-    def error(self) -> str | None:
-        """The error text (``Input/output error``) of the first failure line, if any."""
-        for line in self.output.splitlines():
-            m = re.search(r"\b(?:read|write|writev|readv|aio_\w+|flush|discard|"
-                          r"write_zeroes|pwrite|pread)\S* failed: (.+)$", line)
-            if m:
-                return m.group(1).strip()
-            if "Pattern verification failed" in line or "qemu-io:" in line:
-                return line.strip()
-        return None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 class _RecordingClient(QMPClient):
