@@ -6,14 +6,12 @@
 #   CBW-MODFAIL module=NAME err="..."         a module failed to load
 #   CBW-NODEV dev=/dev/X waited=S             a disk did not appear in time
 #   CBW-READY t=UPTIME                        disks present, about to run the plan
-#   CBW-GATE i=N                              waiting for the host to send "go"
 #   CBW-RESULT i=N op=KIND ... err="..."      one line per operation
 #   CBW-KMSG i=N lvl=L t=SECONDS text         a kernel message logged while op N ran
 #                                             (i=-1: an error logged during boot)
 #   CBW-DONE ops=N t=UPTIME                   the plan is over; power off follows
 # Parameters: cbw.ops=OP,OP,...  cbw.wait=SECONDS (disk wait, default 10).
 # OP: read:DEV:OFF:LEN | write:DEV:OFF:LEN:HEX | fsyncwrite:DEV:OFF:LEN:HEX
-#     | sleep:SECONDS | gate:SECONDS
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -21,8 +19,6 @@ set -f  # operation tokens are split on ':' and ','; never glob them
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-# The host answers a gate by typing on the console: keep that out of the log.
-stty -echo 2>/dev/null
 
 # Value of kernel parameter $1; the last occurrence wins, as for the kernel's own.
 param() {
@@ -133,21 +129,6 @@ for op in $ops; do
 		rc=$?
 		t1=$(uptime_s)
 		extra="pat=$pat"
-		;;
-	sleep)
-		msg=$(sleep "$2" 2>&1)
-		rc=$?
-		t1=$(uptime_s) dev=- off=0 len=0 extra="secs=$2"
-		;;
-	gate)
-		echo "CBW-GATE i=$i"
-		msg=""
-		if read -r -t "$2" line; then
-			case $line in go*) rc=0 ;; *) rc=1 msg="gate: unexpected input: $line" ;; esac
-		else
-			rc=1 msg="gate: timeout: no go from the host within $2 s"
-		fi
-		t1=$(uptime_s) dev=- off=0 len=0 extra="secs=$2"
 		;;
 	*)
 		rc=1 msg="init: unknown operation: $op" t1=$t0 dev=- off=0 len=0 extra=""

@@ -79,7 +79,8 @@ class GuestKernel:
         """
         vmlinuz = Path(vmlinuz).expanduser()
         if not vmlinuz.is_file():
-            raise ConfigError(f"guest kernel {vmlinuz} does not exist: pass the path of a bzImage/vmlinuz")
+            raise ConfigError(f"guest kernel {vmlinuz} does not exist: pass the path of a "
+                              "bzImage/vmlinuz")
         image_version = bzimage_version(vmlinuz)
         if modules_dir is None:
             if image_version is None:
@@ -92,8 +93,9 @@ class GuestKernel:
                               "subdirectory: pass .../lib/modules/<uname -r> of that kernel")
         version = modules_dir.name
         if image_version is not None and image_version != version:
-            raise ConfigError(f"{vmlinuz} is kernel {image_version} but {modules_dir} holds modules "
-                              f"for {version}: pass the modules directory of the same build")
+            raise ConfigError(f"{vmlinuz} is kernel {image_version} but {modules_dir} holds "
+                              f"modules for {version}: pass the modules directory of the same "
+                              "build")
         return cls(vmlinuz.resolve(), version, modules_dir.resolve(),
                    pvh_image(vmlinuz) if pvh else None)
 
@@ -206,8 +208,7 @@ def zstd_decompress(data: bytes) -> bytes:
     if tool is None:
         raise ZstdFailed("the data is zstd-compressed and neither the zstandard Python "
                          "package nor the zstd tool is installed: pip install zstandard")
-    proc = subprocess.run([tool, "-dcq"], input=data, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=120)
+    proc = subprocess.run([tool, "-dcq"], input=data, capture_output=True, timeout=120)
     if proc.returncode != 0:
         raise ZstdFailed(f"zstd failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
@@ -220,7 +221,8 @@ def _has_pvh_note(elf: bytes) -> bool:
     phoff, = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
-        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize)
         if p_type != 4:  # PT_NOTE
             continue
         pos, end = p_offset, p_offset + p_filesz
@@ -254,7 +256,8 @@ def _kernel_in(prefix: Path) -> GuestKernel:
     candidates = [prefix / "boot" / f"vmlinuz-{version}", *sorted(prefix.rglob("vmlinuz*"))]
     vmlinuz = next((c for c in candidates if c.is_file()), None)
     if vmlinuz is None:
-        raise ProvisionError(f"no vmlinuz for {version} in {prefix}: delete that directory and retry")
+        raise ProvisionError(f"no vmlinuz for {version} in {prefix}: delete that directory "
+                             "and retry")
     return GuestKernel(vmlinuz, version, modules[0])
 
 

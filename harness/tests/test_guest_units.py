@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.block.topology import guest_device
 from harness.errors import ConfigError, HarnessError, ProvisionError
 from harness.guest import console, initramfs, kernel
 from harness.guest.console import (
-    Gate,
     GuestError,
     Read,
-    Sleep,
     Write,
     format_ops,
     guest_cmdline,
@@ -123,13 +122,11 @@ CBW-KMSG i=-1 lvl=3 t=1.729139 I/O error, dev vda, sector 0 op 0x0:(READ) flags 
 CBW-READY t=1.83\r
 CBW-KMSG i=0 lvl=3 t=1.928438 I/O error, dev vda, sector 2048 op 0x1:(WRITE) flags 0x8800 phys_seg 16 prio class 2\r
 CBW-RESULT i=0 op=write dev=/dev/vda off=1048576 len=65536 rc=1 t0=1.87 t1=1.92 pat=55 err="Input/output error" msg="dd: error writing '/dev/vda': Input/output error"\r
-CBW-GATE i=1\r
-CBW-RESULT i=1 op=gate dev=- off=0 len=0 rc=0 t0=2.03 t1=2.54 secs=10 err="" msg=""\r
-CBW-KMSG i=2 lvl=6 t=2.5 clocksource: Switched to clocksource tsc\r
-CBW-RESULT i=2 op=read dev=/dev/vda off=0 len=4096 rc=0 t0=2.96 t1=2.98 got=4096 md5=df679e5ec8fb672842974a36d303d0ff head=11111111111111111111111111111111 fill=11 err="" msg=""\r
-CBW-RESULT i=3 op=read dev=/dev/vda off=8192 len=512 rc=1 t0=3.0 t1=3.01 got=0 md5=d41d8cd98f00b204e9800998ecf8427e head= fill=- err="Input/output error" msg="dd: /dev/vda: Input/output error"\r
-CBW-RESULT i=4 op=fsyncwrite dev=/dev/vda off=3 len=1000 rc=0 t0=3.1 t1=3.2 pat=77 err="" msg=""\r
-CBW-DONE ops=5 t=3.3\r
+CBW-KMSG i=1 lvl=6 t=2.5 clocksource: Switched to clocksource tsc\r
+CBW-RESULT i=1 op=read dev=/dev/vda off=0 len=4096 rc=0 t0=2.96 t1=2.98 got=4096 md5=df679e5ec8fb672842974a36d303d0ff head=11111111111111111111111111111111 fill=11 err="" msg=""\r
+CBW-RESULT i=2 op=read dev=/dev/vda off=8192 len=512 rc=1 t0=3.0 t1=3.01 got=0 md5=d41d8cd98f00b204e9800998ecf8427e head= fill=- err="Input/output error" msg="dd: /dev/vda: Input/output error"\r
+CBW-RESULT i=3 op=fsyncwrite dev=/dev/vda off=3 len=1000 rc=0 t0=3.1 t1=3.2 pat=77 err="" msg=""\r
+CBW-DONE ops=4 t=3.3\r
 [    3.400000] reboot: Restarting system\r
 qemu-system-x86_64: Failed flush during close: Input/output error
 """
@@ -138,19 +135,18 @@ qemu-system-x86_64: Failed flush during close: Input/output error
 def test_parse_good_log() -> None:
     r = parse_console(GOOD_LOG).check()
     assert r.ready and r.done and r.ready_time == 1.83 and r.panic is None
-    assert [o.op for o in r.ops] == ["write", "gate", "read", "read", "fsyncwrite"]
-    w, gate, rd, bad, fs = r.ops
+    assert [o.op for o in r.ops] == ["write", "read", "read", "fsyncwrite"]
+    w, rd, bad, fs = r.ops
     assert (w.device, w.offset, w.length, w.pattern) == ("/dev/vda", 1048576, 65536, 0x55)
     assert not w.ok and w.rc == 1 and w.errno_text == "Input/output error"
     assert w.message == "dd: error writing '/dev/vda': Input/output error"
-    assert gate.ok and r.gates == [1]
     assert rd.ok and rd.got == 4096 and rd.fill == 0x11 and rd.head == b"\x11" * 16
     assert rd.md5 == pattern_md5(0x11, 4096)
     assert not bad.ok and bad.got == 0 and bad.fill is None and bad.head == b""
     assert fs.ok and fs.pattern == 0x77 and fs.md5 is None
     assert [m.op for m in r.io_errors] == [-1, 0]
     assert [m.text for m in r.kmsg_during(w)] == [r.io_errors[1].text]
-    assert r.kmsg_during(2)[0].level == 6
+    assert r.kmsg_during(1)[0].level == 6
     assert r.boot_errors[0].text.startswith("I/O error, dev vda, sector 0")
 
 
@@ -200,7 +196,7 @@ def test_missing_disk_and_module_failures_fail_check() -> None:
     "CBW-RESULT i=0 op=read dev=/dev/vda rc=0",           # fields missing
     "CBW-RESULT i=0 op=read dev=/dev/vda off=x len=1 rc=0 t0=1 t1=1 got=0",
     "CBW-KMSG lvl=3 t=1.0 no op index",
-    "CBW-RESULT i=5 op=sleep dev=- off=0 len=0 rc=0 t0=1 t1=1",  # out of order
+    "CBW-RESULT i=5 op=read dev=/dev/vda off=0 len=512 rc=0 t0=1 t1=1 got=512",  # out of order
 ])
 def test_malformed_lines_are_errors(bad: str) -> None:
     with pytest.raises(GuestError, match="malformed guest line") as e:
@@ -217,7 +213,7 @@ def test_error_shows_only_the_log_tail() -> None:
 # ------------------------------------------------------------------- command line
 
 PLAN: list[console.Op] = [Write("/dev/vda", 1 << 20, 65536, 0x55), Read("/dev/vda", 1 << 20, 65536),
-        Write("/dev/sda", 3, 1000, 0, mode="fsync"), Sleep(0.25), Gate(30), Sleep(2)]
+        Write("/dev/sda", 3, 1000, 0, mode="fsync")]
 
 
 def test_cmdline_round_trip() -> None:
@@ -228,7 +224,7 @@ def test_cmdline_round_trip() -> None:
     assert len(ops) == 1
     assert parse_ops(ops[0].removeprefix("cbw.ops=")) == PLAN
     assert format_ops(PLAN) == ("write:/dev/vda:1048576:65536:55,read:/dev/vda:1048576:65536,"
-                                "fsyncwrite:/dev/sda:3:1000:00,sleep:0.25,gate:30,sleep:2")
+                                "fsyncwrite:/dev/sda:3:1000:00")
 
 
 def test_cmdline_options() -> None:
@@ -245,8 +241,6 @@ def test_cmdline_options() -> None:
     (Read("/dev/vda:1", 0, 512), "not a /dev path"),
     (Read("/dev/vda", -512, 512), "offset >= 0"),
     (Read("/dev/vda", 0, 0), "length > 0"),
-    (Sleep(-1), "non-negative"),
-    (Gate(0), "positive"),
 ])
 def test_bad_ops_are_config_errors(op: console.Op, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -273,10 +267,13 @@ def test_qemu_args(tmp_path: Path) -> None:
 
 
 def test_disk_args() -> None:
-    args, dev = console.disk_args("ahci", "n0")
-    assert dev == "/dev/sda" and "ide-hd,bus=ahci0.0,drive=n0,id=disk0" in args
+    controller, dev = guest_device("ahci", "disk0", "n0", werror="stop")
+    assert controller == {"driver": "ahci", "id": "ahci0"}
+    assert dev == {"driver": "ide-hd", "bus": "ahci0.0", "drive": "n0", "id": "disk0",
+                   "werror": "stop"}
+    assert guest_device("virtio-blk", "d", "n0")[0] is None
     with pytest.raises(ConfigError, match="unknown guest disk kind"):
-        console.disk_args("floppy", "n0")
+        guest_device("floppy", "disk0", "n0")
 
 
 # ----------------------------------------------------------------------------- cpio
