@@ -1,4 +1,4 @@
-"""Fixtures of the copy-before-write suite."""
+"""Fixtures of the copy-before-write suite, and the order its tests run in."""
 
 from __future__ import annotations
 
@@ -11,6 +11,36 @@ from harness.plugin.rows import observation_row
 from harness.scenarios.cbw import CRUISE_SPEED, Scenario, ScenarioSpec
 
 _MACHINE_OPTIONS = ("name", "command_timeout")
+# Tests that run for seconds, not milliseconds: a guest boots (~3-5 s under TCG), a
+# cbw-timeout case waits for its timeout several times over, a self-test runs pytest.
+_LONG_TIMEOUT_S = 10
+
+
+def _cost_rank(item: pytest.Item) -> int:
+    """0 for the longest tests, 1 for long ones, 2 for the rest (milliseconds each)."""
+    params = getattr(item, "callspec", None)
+    timeout = params.params.get("timeout") if params is not None else None
+    if isinstance(timeout, int) and timeout >= _LONG_TIMEOUT_S:
+        return 0
+    slow_module = item.module is not None and item.module.__name__.endswith("test_cbw_timeout")
+    if slow_module or item.get_closest_marker("guest") or item.get_closest_marker("selftest"):
+        return 1
+    return 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first, the rest in their order: with tests handed to xdist workers a few
+    at a time (see pytest_configure), no worker is left with the long ones at the end."""
+    items.sort(key=_cost_rank)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist's ``load`` scheduling hands each worker a quarter of its share at once: in
+    collection order, so one worker would get every long test.  Two at a time instead
+    (unless given), which with the longest first is as good as the order allows."""
+    if config.pluginmanager.hasplugin("xdist") and \
+            config.getoption("maxschedchunk", None) is None:
+        config.option.maxschedchunk = 2
 
 
 def _speed_label(spec: ScenarioSpec) -> str | None:
