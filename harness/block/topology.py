@@ -96,6 +96,12 @@ class Topology:
         return self.node("cbw")
 
     @property
+    def device_node(self) -> str:
+        """What a guest device attaches to at launch: the copy-before-write node, or for
+        a backup layout the source, above which the job inserts its filter."""
+        return self.write_node if self.layout.has_snapshot else self.node("source")
+
+    @property
     def snapshot_node(self) -> str:
         return self.node("snapshot")
 

@@ -306,7 +306,7 @@ class _Session:
         devices: list[dict[str, Any]] = []
         for disk in self.disks:
             controller, dev = guest_device(disk.kind, disk.name,
-                                           self.topologies[disk.name].write_node,
+                                           self.topologies[disk.name].device_node,
                                            werror=disk.werror, rerror=disk.rerror)
             if controller is not None:
                 controllers.append(controller)

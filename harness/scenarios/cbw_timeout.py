@@ -242,7 +242,7 @@ class TimeoutFleecing:
 
     def _device(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The SCSI controller and the disk on the copy-before-write node."""
-        controller, device = guest_device("virtio-scsi", DEVICE, self.topology.write_node)
+        controller, device = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
         assert controller is not None
         return controller, device
 

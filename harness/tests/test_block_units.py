@@ -32,7 +32,7 @@ def test_fleecing_nodes_with_a_throttled_target(tmp_path: Path) -> None:
                    "cbw-timeout": 2}
     assert snapshot == {"driver": "snapshot-access", "node-name": "snapshot", "file": "cbw"}
     assert t.throttle_group()["limits"] == {"bps-write": 1000}
-    assert t.backup_args() is None and t.write_node == "cbw"
+    assert t.backup_args() is None and t.write_node == t.device_node == "cbw"
 
 
 @pytest.mark.parametrize("layout", [Layout.BACKUP_SYNC_NONE, Layout.BACKUP_SYNC_FULL])
@@ -42,6 +42,7 @@ def test_backup_writes_go_through_its_named_filter(tmp_path: Path, layout: Layou
     args = t.backup_args(on_source_error="stop", speed=1, max_chunk=CHUNK)
     assert args is not None
     assert args["filter-node-name"] == t.write_node == "d0-cbw"
+    assert t.device_node == "d0-source"  # the job puts its filter between
     assert args["on-cbw-error"] == "break-guest-write" and args["on-source-error"] == "stop"
     assert "on-target-error" not in args and args["x-perf"] == {"max-chunk": CHUNK}
     assert t.filter_nodes() == []
