@@ -22,7 +22,8 @@ def _cost_rank(item: pytest.Item) -> int:
     timeout = params.params.get("timeout") if params is not None else None
     if isinstance(timeout, int) and timeout >= _LONG_TIMEOUT_S:
         return 0
-    slow_module = item.module is not None and item.module.__name__.endswith("test_cbw_timeout")
+    module = getattr(item, "module", None)  # None for items that are not Python tests
+    slow_module = module is not None and module.__name__.endswith("test_cbw_timeout")
     if slow_module or item.get_closest_marker("guest") or item.get_closest_marker("selftest"):
         return 1
     return 2
