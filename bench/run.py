@@ -2,15 +2,20 @@
 """Benchmarks: what QEMU costs, and what the harness adds on top.
 
     python bench/run.py [--repeat N] [--only NAME ...] [--qemu-release R | --qemu-prog P]
+                        [--make-check]
 
 Measures, in one run, each as median / min / max of N repeats:
   qemu-bare        QEMU start + QMP handshake + quit, plain qemu.qmp, no harness
   harness-machine  the same through harness.machine.Machine (log, pidfd, teardown)
   pytest-per-test  wall time per test of a pytest run of trivial launch_vm tests,
                    minus pytest's own start-up, i.e. the harness's per-test cost
-  scenario:<name>  one copy-before-write scenario, images to verdicts
+  scenario:<name>  one copy-before-write scenario, images to verdicts (guest writes,
+                   snapshot reads, job to its end, data verdicts)
   guest-boot       a tiny Linux guest from launch to its ready line and power-off
-Results go to stdout as a table and to bench/results.json.
+  make-check       (with --make-check) wall time of one `make check` (guest tests
+                   included), once: it takes minutes
+Results go to stdout as a table and to bench/results.json.  On a loaded machine
+compare medians, not single runs.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,7 +51,7 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
     return out
 
 
-def qemu_bare(build: builds.QemuBuild) -> None:
+def qemu_bare(build: builds.QemuBuild, machine: str = "pc") -> None:
     """QEMU + QMP with no harness: the floor every test pays."""
     from qemu.qmp import QMPClient
 
@@ -54,7 +60,7 @@ def qemu_bare(build: builds.QemuBuild) -> None:
                if supports_monitor_object(str(build.qemu_system))
                else ["-mon", "chardev=qmp,mode=control"])
     proc = subprocess.Popen([str(build.qemu_system), "-nodefaults", "-display", "none",
-                             "-machine", "pc", "-accel", "tcg", "-chardev",
+                             "-machine", machine, "-accel", "tcg", "-chardev",
                              f"socket,id=qmp,fd={theirs.fileno()}", *monitor],
                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
     theirs.close()
@@ -74,6 +80,20 @@ def qemu_bare(build: builds.QemuBuild) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def iotest_like(build: builds.QemuBuild, folder: Path) -> None:
+    """What QEMU's own copy-before-write iotest case costs: two qemu-img, one QEMU
+    (-machine none, a node, HMP qemu-io on it), one qemu-io offline."""
+    img = [str(build.qemu_img), "create", "-q", "-f", "qcow2"]
+    for name in ("a.qcow2", "b.qcow2"):
+        subprocess.run([*img, str(folder / name), "4M"], check=True)
+    node = json.dumps({"driver": "qcow2", "node-name": "a",
+                       "file": {"driver": "file", "filename": str(folder / "a.qcow2")}})
+    with Machine(build, folder, machine_type="none", args=["-blockdev", node]) as vm:
+        vm.qemu_io("a", "write -P 0x55 0 64k", device=False)
+    subprocess.run([str(build.qemu_io), "-c", "read -P 0x55 0 64k", str(folder / "a.qcow2")],
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 def harness_machine(build: builds.QemuBuild, folder: Path) -> None:
@@ -107,34 +127,40 @@ def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
 
 
 def scenario_runner(build: builds.QemuBuild, folder: Path, name: str) -> Callable[[], None]:
+    """One scenario with a one-shot fault under break-guest-write, as the suite runs it."""
     from harness.block.images import Images
     from harness.scenarios import cbw
 
-    layout = cbw.Layout(name)
+    spec = cbw.ScenarioSpec(cbw.Layout(name), on_cbw_error="break-guest-write",
+                            fault=cbw.Fault("target-write", once=True))
 
     def once() -> None:
         started: list[Machine] = []
 
-        def launch(args, *, name="vm", **kw):  # type: ignore[no-untyped-def]
+        def launch(args: Sequence[str], *, name: str = "vm", **kw: Any) -> Machine:
             vm = Machine(build, folder, name=name, args=args, **kw)
             started.append(vm)
             return vm.launch()
         try:
-            cbw.run(cbw.Scenario(launch, Images(build, folder), layout=layout,
-                                 on_cbw_error="break-guest-write",
-                                 fault=cbw.Fault("target-write", once=True)))
+            cbw.run(cbw.Scenario(launch, Images(build, folder), spec))
         finally:
             for vm in started:
                 vm.shutdown()
+            (folder / "images.jsonl").unlink(missing_ok=True)
     return once
 
 
-def guest_boot(build: builds.QemuBuild, folder: Path) -> Callable[[], None] | None:
-    try:
-        from harness.guest import bench_boot  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        return None
+def guest_boot(build: builds.QemuBuild, folder: Path) -> Callable[[], object]:
+    from harness.guest import bench_boot
     return lambda: bench_boot(build, folder)
+
+
+def make_check_seconds(jobs: int) -> float:
+    """Wall time of one ``make check`` (the setup steps are instant once done)."""
+    t = time.perf_counter()
+    subprocess.run(["make", "-C", str(ROOT), "check", f"JOBS={jobs}"], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
 
 
 def stats(samples: list[float]) -> dict[str, float]:
@@ -150,14 +176,26 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="names (prefix match) to run")
     ap.add_argument("--qemu-release", default=None)
     ap.add_argument("--qemu-prog", default=None)
+    ap.add_argument("--make-check", action="store_true",
+                    help="also time one `make check` (minutes)")
+    ap.add_argument("--jobs", type=int, default=2, help="make check's JOBS (default 2)")
     args = ap.parse_args()
     build = builds.select(qemu_prog=args.qemu_prog, release=args.qemu_release)
-    want = lambda name: args.only is None or any(name.startswith(o) for o in args.only)
+    only: list[str] | None = args.only
+
+    def want(name: str) -> bool:
+        return only is None or any(name.startswith(o) for o in only)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="cbw-bench-") as tmp:
         folder = Path(tmp)
         if want("qemu-bare"):
             results["qemu-bare"] = stats(timed(lambda: qemu_bare(build), args.repeat))
+        if want("qemu-bare-none"):
+            results["qemu-bare-none"] = stats(timed(lambda: qemu_bare(build, "none"),
+                                                    args.repeat))
+        if want("iotest-like"):
+            results["iotest-like"] = stats(timed(lambda: iotest_like(build, folder),
+                                                 args.repeat))
         if want("harness-machine"):
             results["harness-machine"] = stats(
                 timed(lambda: harness_machine(build, folder), args.repeat))
@@ -172,9 +210,13 @@ def main() -> int:
             if want(name):
                 run = scenario_runner(build, folder, layout.value)
                 results[name] = stats(timed(run, max(3, args.repeat // 3)))
-        boot = guest_boot(build, folder) if want("guest-boot") else None
-        if boot is not None:
-            results["guest-boot"] = stats(timed(boot, max(3, args.repeat // 5)))
+        if want("guest-boot"):
+            results["guest-boot"] = stats(timed(guest_boot(build, folder),
+                                                max(3, args.repeat // 5)))
+    if args.make_check:
+        seconds = make_check_seconds(args.jobs)
+        results["make-check"] = {"median_ms": round(seconds * 1000, 1), "n": 1,
+                                 "jobs": args.jobs}
     width = max(len(k) for k in results)
     print(f"QEMU {build.qemu_system}")
     for name, r in results.items():

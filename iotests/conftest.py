@@ -1,4 +1,4 @@
-"""Fixtures of the copy-before-write suite."""
+"""Fixtures of the copy-before-write suite, and the order its tests run in."""
 
 from __future__ import annotations
 
@@ -7,31 +7,71 @@ from typing import Any
 
 import pytest
 
-from harness.scenarios.cbw import Scenario
+from harness.plugin.rows import observation_row
+from harness.scenarios.cbw import CRUISE_SPEED, Scenario, ScenarioSpec
+
+_MACHINE_OPTIONS = ("name", "command_timeout")
+# Tests that run for seconds, not milliseconds: a guest boots (~3-5 s under TCG), a
+# cbw-timeout case waits for its timeout several times over, a self-test runs pytest.
+_LONG_TIMEOUT_S = 10
+
+
+def _cost_rank(item: pytest.Item) -> int:
+    """0 for the longest tests, 1 for long ones, 2 for the rest (milliseconds each)."""
+    params = getattr(item, "callspec", None)
+    timeout = params.params.get("timeout") if params is not None else None
+    if isinstance(timeout, int) and timeout >= _LONG_TIMEOUT_S:
+        return 0
+    module = getattr(item, "module", None)  # None for items that are not Python tests
+    slow_module = module is not None and module.__name__.endswith("test_cbw_timeout")
+    if slow_module or item.get_closest_marker("guest") or item.get_closest_marker("selftest"):
+        return 1
+    return 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first, the rest in their order: with tests handed to xdist workers a few
+    at a time (see pytest_configure), no worker is left with the long ones at the end."""
+    items.sort(key=_cost_rank)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist's ``load`` scheduling hands each worker a quarter of its share at once: in
+    collection order, so one worker would get every long test.  Two at a time instead
+    (unless given), which with the longest first is as good as the order allows."""
+    if config.pluginmanager.hasplugin("xdist") and \
+            config.getoption("maxschedchunk", None) is None:
+        config.option.maxschedchunk = 2
+
+
+def _speed_label(spec: ScenarioSpec) -> str | None:
+    """Tests that pick the job's speed differ by it (the livelock's two runs)."""
+    if spec.release_speed is None:
+        return None
+    return "full speed" if spec.release_speed == 0 else (
+        "speed limit" if spec.release_speed == CRUISE_SPEED else
+        f"speed {spec.release_speed} B/s")
 
 
 @pytest.fixture
 def scenario(launch_vm, images, transcript, summary_row, check_transcript
              ) -> Iterator[Callable[..., Scenario]]:
-    """Factory: ``scenario(layout=..., on_cbw_error=..., fault=...)``.
+    """Factory: ``scenario(layout=..., on_cbw_error=..., fault=...)`` (the fields of
+    :class:`ScenarioSpec`, and ``name=`` / ``command_timeout=`` for the machine).
 
     The scenario's observation becomes a row of the run's summary table;
-    ``summary_note`` (e.g. who read the snapshot) is added to its scenario column.
+    ``summary_note`` (e.g. who read the snapshot) labels its scenario family.
     """
     made: list[tuple[Scenario, str | None]] = []
 
     def make(*, summary_note: str | None = None, **kwargs: Any) -> Scenario:
-        s = Scenario(launch_vm, images, transcript=transcript, **kwargs)
-        made.append((s, summary_note))
+        machine = {k: kwargs.pop(k) for k in _MACHINE_OPTIONS if k in kwargs}
+        s = Scenario(launch_vm, images, ScenarioSpec(**kwargs), transcript=transcript,
+                     **machine)
+        made.append((s, summary_note or _speed_label(s.spec)))
         return s
 
     yield make
     for s, note in made:
         if s.obs.guest_writes or s.obs.job:
-            row = s.obs.summary()
-            policies = {s.on_source_error, s.on_target_error} - {None}
-            if policies:
-                row["scenario"] += f" / job policy {'+'.join(sorted(policies))}"
-            if note:
-                row["scenario"] += f" / {note}"
-            summary_row(**row)
+            summary_row(**observation_row(s.obs, policy=s.spec.policy, note=note))

@@ -32,13 +32,14 @@ from collections.abc import Callable
 
 import pytest
 
+from harness.block.data import MiB
 from harness.errors import CommandFailed
+from harness.plugin.rows import timeout_row
 from harness.scenarios.cbw_timeout import (
     REGION_A,
     REGION_B,
     REGION_C,
     REGION_U,
-    MiB,
     TimedWrite,
     TimeoutFleecing,
     TimeoutPlan,
@@ -68,7 +69,7 @@ def fleecing(launch_vm, images, transcript) -> Callable[..., TimeoutFleecing]:
 def report(f: TimeoutFleecing, summary_row: Callable[..., None]) -> None:
     """A summary row, and the measured durations (shown with -rP, never in the transcript)."""
     if f.run.writes:
-        summary_row(**f.run.summary())
+        summary_row(**timeout_row(f.run))
     print(f"write durations (s), cbw-timeout={f.cbw_timeout}: {f.run.durations()}")
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,7 @@ from harness.guest import (
     guest_devices,
     run_guest,
 )
+from harness.plugin.rows import guest_disk_row
 from harness.scenarios.cbw import (
     CHUNK,
     GUEST_WRITES,
@@ -123,24 +125,9 @@ def boot(launch_vm, images, guest_image, summary_row, build_info):
     return run
 
 
-def summary(run: GuestRun, d: DiskRun, images: Images) -> dict[str, str]:
-    writes = [op for op in run.ops_on(d.disk.name) if op.op == "write"]
-    failed = [op for op in writes if not op.ok]
-    events = sorted({e["action"] for e in d.io_errors})
-    data = [f"BLOCK_IO_ERROR {'/'.join(events)}" if events else "no BLOCK_IO_ERROR"]
-    if d.stops:
-        data.append("stops answered " + ", ".join(s.answer for s in d.stops))
-    if d.snapshot_reads:
-        bad = {r.error for r in d.snapshot_reads.values() if not r.ok}
-        data.append(f"snapshot reads fail: {bad.pop()}" if bad else "snapshot reads ok")
-    data.append("source " + "/".join(region(images, d.source, o) for o in GUEST_WRITES) +
-                ", target " + "/".join(region(images, d.target, o) for o in GUEST_WRITES))
-    return {"scenario": f"guest {d.disk.kind} werror={d.disk.werror or 'default'} / "
-                        f"{d.disk.layout.value} / {d.disk.fault.name}",
-            "on_cbw_error": value_id(d.disk.on_cbw_error),
-            "guest_write": (f"{len(failed)}/{len(writes)} failed: {failed[0].errno_text}"
-                            if failed else "all ok"),
-            "job": d.job_status or "-", "data": "; ".join(data)}
+def summary(run: GuestRun, d: DiskRun, images: Images) -> dict[str, Any]:
+    return guest_disk_row(run, d, [region(images, d.source, o) for o in GUEST_WRITES],
+                          [region(images, d.target, o) for o in GUEST_WRITES])
 
 
 # ---------------------------------------------------------------------- assertions

@@ -517,8 +517,11 @@ def blkdebug_node(node_name: str, image_child: Mapping[str, Any] | str,
     loads the file's rules and the inline ones together.  With neither, blkdebug
     passes I/O through untouched.
 
-    >>> blkdebug_node("dbg", "img", fail_once("write_aio"))
-    {'driver': 'blkdebug', 'node-name': 'dbg', 'image': 'img', 'inject-error': [{'event': 'write_aio', 'errno': 5, 'once': True}]}
+    >>> node = blkdebug_node("dbg", "img", fail_once("write_aio"))
+    >>> node["driver"], node["node-name"], node["image"]
+    ('blkdebug', 'dbg', 'img')
+    >>> node["inject-error"]
+    [{'event': 'write_aio', 'errno': 5, 'once': True}]
     """
     if not node_name:
         raise ConfigError("blkdebug node needs a node-name; pass a non-empty node_name")

@@ -15,8 +15,9 @@ import os
 import secrets
 from typing import Any
 
-from ..qemu.machine import Machine, QemuIoResult
+from ..qemu.machine import Machine
 from ..qemu.probe import BuildInfo
+from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript
 from .images import Images
 

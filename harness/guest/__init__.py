@@ -7,9 +7,8 @@ back into typed results.  Typical use::
 
     kernel, busybox = provision_kernel(), busybox_static()
     initrd = build_initramfs(kernel, busybox, DISK_MODULES["virtio-blk"])
-    devices, guest_dev = disk_args("virtio-blk", "node0")
-    ops = [Write(guest_dev, 0, 65536, 0x55), Read(guest_dev, 0, 65536)]
-    argv = [..., *qemu_guest_args(kernel, initrd, guest_cmdline(ops)), *devices]
+    ops = [Write("/dev/vda", 0, 65536, 0x55), Read("/dev/vda", 0, 65536)]
+    argv = [..., *qemu_guest_args(kernel, initrd, guest_cmdline(ops)), "-device", ...]
     report = parse_console(serial_output).check()
 
 :mod:`.vm` puts it all together under copy-before-write: :func:`run_guest` boots the
@@ -17,17 +16,13 @@ guest on :class:`GuestDisk` s and returns a :class:`GuestRun`.
 """
 
 from .console import (
-                      GATE_REPLY,
-                      Gate,
                       GuestError,
                       GuestOp,
                       GuestReport,
                       KernelMessage,
                       Op,
                       Read,
-                      Sleep,
                       Write,
-                      disk_args,
                       format_ops,
                       guest_cmdline,
                       parse_console,
@@ -49,9 +44,9 @@ from .vm import (
 )
 
 __all__ = [
-    "DISK_MODULES", "GATE_REPLY", "DiskRun", "Gate", "GuestDisk", "GuestError", "GuestImage",
+    "DISK_MODULES", "DiskRun", "GuestDisk", "GuestError", "GuestImage",
     "GuestKernel", "GuestOp", "GuestReport", "GuestRun", "IoStop", "KernelMessage", "Op", "Read",
-    "Sleep", "Write", "bench_boot", "build_initramfs", "busybox_static", "disk_args",
+    "Write", "bench_boot", "build_initramfs", "busybox_static",
     "format_ops", "guest_cmdline", "guest_devices", "parse_console", "parse_ops", "pattern_md5",
     "provision_kernel", "qemu_guest_args", "run_guest",
 ]

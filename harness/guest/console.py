@@ -1,7 +1,7 @@
 """The protocol with the guest's init: the I/O plan out, typed results back.
 
-Out: a list of operations (:class:`Read`, :class:`Write`, :class:`Sleep`,
-:class:`Gate`) becomes the ``cbw.ops=`` kernel parameter (:func:`guest_cmdline`).
+Out: a list of operations (:class:`Read`, :class:`Write`) becomes the ``cbw.ops=``
+kernel parameter (:func:`guest_cmdline`).
 Back: the serial console log becomes a :class:`GuestReport` (:func:`parse_console`),
 so tests never grep raw console text.  The line formats are documented in init.sh.
 """
@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from ..errors import ConfigError, HarnessError
 from .kernel import GuestKernel
@@ -92,42 +92,7 @@ class Write:
         return f"{kind}:{self.device}:{self.offset}:{self.length}:{self.pattern:02x}"
 
 
-@dataclass(frozen=True)
-class Sleep:
-    """Pause the plan for ``seconds`` (fractions allowed)."""
-
-    seconds: float
-
-    def token(self) -> str:
-        """This operation in ``cbw.ops`` syntax."""
-        if not self.seconds >= 0:
-            raise ConfigError(f"sleep of {self.seconds!r} s: use a non-negative number")
-        # Fixed point: busybox sleep does not read exponents such as 1e-05.
-        return "sleep:" + (f"{self.seconds:.3f}".rstrip("0").rstrip(".") or "0")
-
-
-# What the host writes to the guest's serial port to open a Gate.
-GATE_REPLY = b"go\n"
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Print ``CBW-GATE i=N`` and wait up to ``timeout`` s for the host to send :data:`GATE_REPLY`.
-
-    Lets the host act (e.g. start a backup job) at a precise point of the plan.
-    A gate that times out fails (rc 1) and the plan goes on.
-    """
-
-    timeout: int = 60
-
-    def token(self) -> str:
-        """This operation in ``cbw.ops`` syntax."""
-        if not (isinstance(self.timeout, int) and self.timeout > 0):
-            raise ConfigError(f"gate timeout {self.timeout!r}: use a positive whole number of seconds")
-        return f"gate:{self.timeout}"
-
-
-Op = Union[Read, Write, Sleep, Gate]
+Op = Read | Write
 
 
 def _check_io(device: str, offset: int, length: int, direct: bool) -> None:
@@ -157,10 +122,6 @@ def parse_ops(value: str) -> list[Op]:
             elif kind in ("write", "fsyncwrite") and len(args) == 4:
                 ops.append(Write(args[0], int(args[1]), int(args[2]), int(args[3], 16),
                                  "direct" if kind == "write" else "fsync"))
-            elif kind == "sleep" and len(args) == 1:
-                ops.append(Sleep(float(args[0])))
-            elif kind == "gate" and len(args) == 1:
-                ops.append(Gate(int(args[0])))
             else:
                 raise ValueError(token)
         except ValueError:
@@ -200,23 +161,6 @@ def qemu_guest_args(kernel: GuestKernel, initramfs: Path, cmdline: str,
             *(["-serial", serial] if serial is not None else []), "-no-reboot"]
 
 
-def disk_args(kind: str, node_name: str) -> tuple[list[str], str]:
-    """``-device`` options exposing block node ``node_name`` as the guest's only disk of ``kind``.
-
-    Returns the options and the disk's path in the guest.  Kinds: virtio-blk,
-    virtio-scsi, ahci (load :data:`~.initramfs.DISK_MODULES` ``[kind]`` for it).
-    """
-    if kind == "virtio-blk":
-        return ["-device", f"virtio-blk-pci,drive={node_name},id=disk0"], "/dev/vda"
-    if kind == "virtio-scsi":
-        return ["-device", "virtio-scsi-pci,id=scsi0",
-                "-device", f"scsi-hd,bus=scsi0.0,drive={node_name},id=disk0"], "/dev/sda"
-    if kind == "ahci":
-        return ["-device", "ahci,id=ahci0",
-                "-device", f"ide-hd,bus=ahci0.0,drive={node_name},id=disk0"], "/dev/sda"
-    raise ConfigError(f"unknown guest disk kind {kind!r}: use virtio-blk, virtio-scsi or ahci")
-
-
 def pattern_md5(pattern: int, length: int) -> str:
     """md5 of ``length`` bytes equal to ``pattern``: what a :class:`GuestOp` read of it reports."""
     return hashlib.md5(bytes([pattern]) * length).hexdigest()
@@ -243,8 +187,8 @@ class GuestOp:
     """The outcome of one planned operation (``CBW-RESULT``)."""
 
     index: int
-    op: str                      # read | write | fsyncwrite | sleep | gate
-    device: str                  # "-" for sleep and gate
+    op: str                      # read | write | fsyncwrite
+    device: str                  # the disk's path in the guest
     offset: int
     length: int
     rc: int                      # exit status of the guest command
@@ -280,7 +224,6 @@ class GuestReport:
     panic: str | None
     module_failures: list[str]
     missing_devices: list[str]
-    gates: list[int]
     log: str = field(repr=False)
 
     @property
@@ -315,7 +258,7 @@ class GuestReport:
         return self
 
 
-_LINE = re.compile(r"CBW-(READY|RESULT|KMSG|DONE|GATE|MODFAIL|NODEV)\b ?(.*)$")
+_LINE = re.compile(r"CBW-(READY|RESULT|KMSG|DONE|MODFAIL|NODEV)\b ?(.*)$")
 _FIELD = re.compile(r'(\w+)=("[^"]*"|\S*)')
 _PANIC = re.compile(r"Kernel panic - not syncing.*")
 
@@ -327,7 +270,7 @@ def parse_console(text: str) -> GuestReport:
     protocol line is malformed.  A report of a plan cut short is returned as is;
     call :meth:`GuestReport.check` to demand a complete, clean run.
     """
-    report = GuestReport(False, None, False, [], [], None, [], [], [], text)
+    report = GuestReport(False, None, False, [], [], None, [], [], text)
     panic = _PANIC.search(text)
     report.panic = panic.group(0).strip() if panic else None
     for raw in text.replace("\r", "").splitlines():
@@ -356,8 +299,6 @@ def _take(report: GuestReport, kind: str, rest: str) -> None:
         report.ready, report.ready_time = True, float(f["t"])
     elif kind == "DONE":
         report.done = True
-    elif kind == "GATE":
-        report.gates.append(int(f["i"]))
     elif kind == "MODFAIL":
         report.module_failures.append(f"{f['module']}: {f.get('err', '')}")
     elif kind == "NODEV":

@@ -144,7 +144,8 @@ def modinfo(elf: bytes) -> dict[str, list[str]]:
     for item in section.split(b"\0"):
         key, sep, value = item.partition(b"=")
         if sep:
-            info.setdefault(key.decode("ascii", "replace"), []).append(value.decode("utf-8", "replace"))
+            info.setdefault(key.decode("ascii", "replace"), []).append(
+                value.decode("utf-8", "replace"))
     return info
 
 

@@ -30,10 +30,11 @@ from ..errors import ConfigError, ProvisionError
 from ..qemu import debian
 from ..qemu.cache import apt_root, cache_root, locked
 
+_zstandard: Any
 try:
     import zstandard as _zstandard
 except ImportError:  # a declared dependency; the zstd tool stands in where it is missing
-    _zstandard: Any = None
+    _zstandard = None
 
 # The suites of the apt root shared with QEMU provisioning (<cache>/apt/trixie):
 # PrivateApt writes its sources from them, so every user of a root must agree.
@@ -78,7 +79,8 @@ class GuestKernel:
         """
         vmlinuz = Path(vmlinuz).expanduser()
         if not vmlinuz.is_file():
-            raise ConfigError(f"guest kernel {vmlinuz} does not exist: pass the path of a bzImage/vmlinuz")
+            raise ConfigError(f"guest kernel {vmlinuz} does not exist: pass the path of a "
+                              "bzImage/vmlinuz")
         image_version = bzimage_version(vmlinuz)
         if modules_dir is None:
             if image_version is None:
@@ -91,8 +93,9 @@ class GuestKernel:
                               "subdirectory: pass .../lib/modules/<uname -r> of that kernel")
         version = modules_dir.name
         if image_version is not None and image_version != version:
-            raise ConfigError(f"{vmlinuz} is kernel {image_version} but {modules_dir} holds modules "
-                              f"for {version}: pass the modules directory of the same build")
+            raise ConfigError(f"{vmlinuz} is kernel {image_version} but {modules_dir} holds "
+                              f"modules for {version}: pass the modules directory of the same "
+                              "build")
         return cls(vmlinuz.resolve(), version, modules_dir.resolve(),
                    pvh_image(vmlinuz) if pvh else None)
 
@@ -198,15 +201,14 @@ def zstd_decompress(data: bytes) -> bytes:
     if _zstandard is not None:
         try:
             # Streamed: the kernel's frames do not record their size in the header.
-            return _zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            return bytes(_zstandard.ZstdDecompressor().decompressobj().decompress(data))
         except _zstandard.ZstdError as e:
             raise ZstdFailed(f"zstd data does not decompress: {e}") from None
     tool = shutil.which("zstd")
     if tool is None:
         raise ZstdFailed("the data is zstd-compressed and neither the zstandard Python "
                          "package nor the zstd tool is installed: pip install zstandard")
-    proc = subprocess.run([tool, "-dcq"], input=data, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=120)
+    proc = subprocess.run([tool, "-dcq"], input=data, capture_output=True, timeout=120)
     if proc.returncode != 0:
         raise ZstdFailed(f"zstd failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
@@ -219,7 +221,8 @@ def _has_pvh_note(elf: bytes) -> bool:
     phoff, = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
-        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize)
         if p_type != 4:  # PT_NOTE
             continue
         pos, end = p_offset, p_offset + p_filesz
@@ -253,7 +256,8 @@ def _kernel_in(prefix: Path) -> GuestKernel:
     candidates = [prefix / "boot" / f"vmlinuz-{version}", *sorted(prefix.rglob("vmlinuz*"))]
     vmlinuz = next((c for c in candidates if c.is_file()), None)
     if vmlinuz is None:
-        raise ProvisionError(f"no vmlinuz for {version} in {prefix}: delete that directory and retry")
+        raise ProvisionError(f"no vmlinuz for {version} in {prefix}: delete that directory "
+                             "and retry")
     return GuestKernel(vmlinuz, version, modules[0])
 
 

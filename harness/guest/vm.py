@@ -11,9 +11,10 @@ QEMU is shut down when :func:`run_guest` returns, so the test reads the images
 offline (``images.holds(run.disk("d0").source, ...)``).
 
 Each :class:`GuestDisk` has its own source and target images (raw, filled with
-:data:`~harness.cbw.ORIGINAL`) under its own copy-before-write filter, and its own
-blkdebug :class:`~harness.cbw.Fault`, whose rules name the sectors of
-:data:`~harness.cbw.GUEST_WRITES`: the guest's boot (partition scan) never meets
+:data:`~harness.block.data.ORIGINAL`) under its own copy-before-write filter (the
+graph: :class:`~harness.block.topology.Topology`), and its own blkdebug
+:class:`~harness.block.faults.Fault`, whose rules name the sectors of
+:data:`~harness.block.data.GUEST_WRITES`: the guest's boot (partition scan) never meets
 them, only the copy-before-write of a guest write there.  Layouts:
 
 * ``Layout.BACKUP_SYNC_NONE``: ``blockdev-backup sync=none`` with a filter node,
@@ -43,20 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..block.data import CHUNK, GUEST_WRITES, IMAGE_SIZE, ORIGINAL, UNTOUCHED
+from ..block.faults import NO_FAULT, Fault
 from ..block.images import Images
+from ..block.topology import Layout, Topology, guest_device
 from ..errors import ConfigError, HarnessError, QEMUDied, WaitTimeout
 from ..qemu.builds import QemuBuild
-from ..qemu.machine import Machine, QemuIoResult
-from ..scenarios.cbw import (
-    CHUNK,
-    GUEST_WRITES,
-    IMAGE_SIZE,
-    NO_FAULT,
-    ORIGINAL,
-    UNTOUCHED,
-    Fault,
-    Layout,
-)
+from ..qemu.machine import Machine
+from ..qemu.qemu_io import QemuIoResult
 from .console import (
     IO_ERROR,
     GuestError,
@@ -161,6 +156,11 @@ class GuestDisk:
             raise ConfigError(f"disk {self.name}: a persistent fault under werror/rerror=stop "
                               "never ends without a job to cancel: use a one-shot fault or "
                               "the backup layout")
+
+    def topology(self, folder: Path) -> Topology:
+        """This disk's block graph, every node-name and image starting with its name."""
+        return Topology(self.layout, folder, on_cbw_error=self.on_cbw_error, fault=self.fault,
+                        prefix=f"{self.name}-", job=self.job)
 
     def node(self, role: str) -> str:
         """The node-name of this disk's ``source``, ``target``, ``cbw`` or ``snapshot``."""
@@ -287,8 +287,10 @@ class _Session:
         self.ready_timeout = ready_timeout
         self.end_timeout = end_timeout
         paths = guest_devices(self.disks)
-        self.runs = {d.name: DiskRun(d, paths[d.name], images.path(f"{d.name}-source.raw"),
-                                     images.path(f"{d.name}-target.raw")) for d in self.disks}
+        self.topologies = {d.name: d.topology(images.folder) for d in self.disks}
+        self.runs = {d.name: DiskRun(d, paths[d.name], self.topologies[d.name].image("source"),
+                                     self.topologies[d.name].image("target"))
+                     for d in self.disks}
         self.vm: Machine | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -298,42 +300,16 @@ class _Session:
             self.images.write(run.source, ORIGINAL, 0, IMAGE_SIZE, "raw")
             self.images.create(run.target.name, IMAGE_SIZE, "raw")
 
-    def _raw(self, disk: GuestDisk, role: str, path: Path) -> dict[str, Any]:
-        """A raw node over blkdebug (with the disk's fault rules where it strikes)."""
-        debug = disk.fault.blkdebug(role, {"driver": "file", "filename": str(path)})
-        debug["node-name"] = disk.node(f"{role}-debug")  # unique per disk
-        return {"driver": "raw", "node-name": disk.node(role), "file": debug}
-
-    def _blockdevs(self, disk: GuestDisk) -> list[dict[str, Any]]:
-        run = self.runs[disk.name]
-        nodes = [self._raw(disk, "source", run.source), self._raw(disk, "target", run.target)]
-        if disk.layout is Layout.FLEECING:
-            cbw: dict[str, Any] = {"driver": "copy-before-write", "node-name": disk.node("cbw"),
-                                   "file": disk.node("source"), "target": disk.node("target")}
-            if disk.on_cbw_error is not None:
-                cbw["on-cbw-error"] = disk.on_cbw_error
-            nodes += [cbw, {"driver": "snapshot-access", "node-name": disk.node("snapshot"),
-                            "file": disk.node("cbw")}]
-        return nodes
-
     def _devices(self) -> list[dict[str, Any]]:
         """Controllers first, then one device per disk, in the order of guest_devices()."""
         controllers: list[dict[str, Any]] = []
         devices: list[dict[str, Any]] = []
         for disk in self.disks:
-            drive = disk.node("cbw" if disk.layout is Layout.FLEECING else "source")
-            dev: dict[str, Any] = {"id": disk.name, "drive": drive}
-            if disk.kind == "virtio-blk":
-                dev["driver"] = "virtio-blk-pci"
-            elif disk.kind == "virtio-scsi":
-                controllers.append({"driver": "virtio-scsi-pci", "id": "scsi0"})
-                dev.update(driver="scsi-hd", bus="scsi0.0")
-            else:
-                controllers.append({"driver": "ahci", "id": "ahci0"})
-                dev.update(driver="ide-hd", bus="ahci0.0")
-            for key, policy in (("werror", disk.werror), ("rerror", disk.rerror)):
-                if policy is not None:
-                    dev[key] = policy
+            controller, dev = guest_device(disk.kind, disk.name,
+                                           self.topologies[disk.name].device_node,
+                                           werror=disk.werror, rerror=disk.rerror)
+            if controller is not None:
+                controllers.append(controller)
             devices.append(dev)
         return controllers + devices
 
@@ -342,9 +318,10 @@ class _Session:
         cmdline = guest_cmdline(self.plan, extra=self.kernel_args)
         # Machine(console=True) gives the serial line its own socket: no -serial here.
         boot = qemu_guest_args(self.image.kernel, initrd, cmdline, serial=None)
+        # -S: the backup jobs start before the guest runs.
         args = ["-S", "-m", GUEST_MEMORY, *boot, "-action", "shutdown=pause"]
-        for disk in self.disks:
-            for node in self._blockdevs(disk):
+        for topology in self.topologies.values():
+            for node in topology.image_nodes() + topology.filter_nodes():
                 args += ["-blockdev", json.dumps(node)]
         for dev in self._devices():
             args += ["-device", json.dumps(dev)]
@@ -352,15 +329,10 @@ class _Session:
 
     def _start_backups(self) -> None:
         assert self.vm is not None
-        for disk in self.disks:
-            if disk.layout is not Layout.BACKUP_SYNC_NONE:
-                continue
-            args: dict[str, Any] = {"job-id": disk.job, "device": disk.node("source"),
-                                    "target": disk.node("target"), "sync": "none",
-                                    "filter-node-name": disk.node("cbw")}
-            if disk.on_cbw_error is not None:
-                args["on-cbw-error"] = disk.on_cbw_error
-            self.vm.cmd("blockdev-backup", args)
+        for topology in self.topologies.values():
+            args = topology.backup_args()
+            if args is not None:
+                self.vm.cmd("blockdev-backup", args)
 
     # ------------------------------------------------------------------ driving
     def _wait_ready(self, deadline: float) -> None:
@@ -449,14 +421,15 @@ class _Session:
     def _after_end(self) -> str:
         """Read what QMP can still tell once the guest is over; returns the run status."""
         assert self.vm is not None
-        status = self.vm.cmd("query-status")["status"]
+        status = str(self.vm.cmd("query-status")["status"])
         jobs = {j["id"]: j["status"] for j in self.vm.cmd("query-jobs")}
         for run in self.runs.values():
             run.job_status = jobs.get(run.disk.job)
             if run.disk.layout is Layout.FLEECING:
                 for off in GUEST_WRITES + UNTOUCHED:
                     run.snapshot_reads[off] = self.vm.qemu_io(
-                        run.disk.node("snapshot"), f"read -P {ORIGINAL:#x} {off} {CHUNK}",
+                        self.topologies[run.disk.name].snapshot_node,
+                        f"read -P {ORIGINAL:#x} {off} {CHUNK}",
                         device=False)
         return status
 

@@ -26,7 +26,6 @@ import socket
 import subprocess
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,7 +44,7 @@ from ..errors import (
 )
 from .builds import QemuBuild
 from .conversation import Conversation
-from .replay import qemu_io_error
+from .qemu_io import QemuIoResult
 from .reproducer import images_folder
 
 T = TypeVar("T")
@@ -118,23 +117,6 @@ def _partial_match(actual: Any, wanted: Any) -> bool:
         return isinstance(actual, Mapping) and all(
             k in actual and _partial_match(actual[k], v) for k, v in wanted.items())
     return bool(actual == wanted)
-
-
-@dataclass(frozen=True)
-class QemuIoResult:
-    """What an HMP ``qemu-io`` command printed, and whether it failed."""
-
-    command: str
-    output: str
-
-    @property
-    def error(self) -> str | None:
-        """The error text (``Input/output error``) of the first failure line, if any."""
-        return qemu_io_error(self.output)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 class _RecordingClient(QMPClient):

@@ -1,11 +1,18 @@
 """copy-before-write ``cbw-timeout``: a fleecing layout whose copies are slowed by a throttle.
 
-Layout (all built over QMP, so the transcript shows it)::
+Layout (:class:`~harness.block.topology.Topology`; the filters built over QMP, so the
+transcript shows them)::
 
     scsi-hd disk0 --> copy-before-write "cbw" --file--> raw "source"
                             |  \\--target--> throttle "throttled-target" (group tg0)
                             |                    --file--> raw "target"
                       snapshot-access "snapshot" (read with qemu-io)
+
+Unlike the other scenarios, the guest writes go through a device (``qemu-io -d``), not
+HMP ``qemu-io`` on the node: on a node, qemu-io makes a BlockBackend for the one
+command and releases it after, and the release drains the node, which waits for the
+timed-out copy still running in the background: the write would seem to take as long
+as the whole copy.  A device's BlockBackend stays.
 
 A guest write first copies the old data of the region to the target.  The target
 write is throttled (``throttle-group`` ``tg0``, ``bps-write``), so the copy takes a
@@ -48,16 +55,16 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from ..block.data import NEW, ORIGINAL, MiB
 from ..block.images import Images
-from ..qemu.machine import COMMAND_TIMEOUT, Machine, QemuIoResult
+from ..block.topology import Layout, Topology, guest_device
+from ..qemu.machine import COMMAND_TIMEOUT, Machine
+from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
-from .cbw import DEVICE, NEW, ORIGINAL, value_id
+from .cbw import value_id
 
-KiB = 1024
-MiB = 1024 * KiB
 COPY_TASK = 1 * MiB          # block-copy's largest task (BLOCK_COPY_MAX_BUFFER)
 THROTTLE_BURST_S = 0.1       # a fresh throttle bucket admits rate/10 bytes at once
 IMAGE_SIZE = 32 * MiB
@@ -70,6 +77,7 @@ REGION_C = 16 * MiB
 REGION_U = 28 * MiB
 MAX_OVER = REGION_C - REGION_B          # 12 MiB, so B and C never overlap
 
+DEVICE = "disk0"
 UNDER_SHARE = 0.3            # the under write's copy needs ~30 % of the timeout
 OVER_SHARE = 3.0             # the over write's copy needs >= 3x the timeout
 
@@ -189,24 +197,12 @@ class TimeoutRun:
     plan: TimeoutPlan
     writes: dict[str, TimedWrite] = field(default_factory=dict)        # by label
     reads: dict[str, QemuIoResult] = field(default_factory=dict)       # by label
+    read_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # (offset, size)
     source_holds_new: dict[str, bool] = field(default_factory=dict)
     source_holds_original: dict[str, bool] = field(default_factory=dict)
 
     def durations(self) -> dict[str, float]:
         return {label: round(w.seconds, 3) for label, w in self.writes.items()}
-
-    def summary(self) -> dict[str, str]:
-        """One row of the run's summary table."""
-        timeout = (f"cbw-timeout={self.cbw_timeout}s" if self.cbw_timeout is not None
-                   else "cbw-timeout unset")
-        guest = "; ".join(f"{label}: {w.error or 'ok'} after {w.seconds:.1f}s"
-                          for label, w in self.writes.items())
-        bad = [r for r in self.reads.values() if not r.ok]
-        data = ("snapshot reads ok" if not bad else f"snapshot reads fail: {bad[0].error}")
-        return {"scenario": f"fleecing, throttled target / {timeout} "
-                            f"(sizes for {self.plan.timeout}s)",
-                "on_cbw_error": value_id(self.on_cbw_error), "guest_write": guest,
-                "job": "-", "data": data}
 
 
 # ----------------------------------------------------------------- layout
@@ -225,35 +221,30 @@ class TimeoutFleecing:
         self.transcript.add_filter(path_filter(images.folder))
         self.run = TimeoutRun(on_cbw_error, cbw_timeout, plan)
         self.vm: Machine | None = None
-        self.source = images.path("source.raw")
-        self.target = images.path("target.raw")
+        # No blkdebug and no max-transfer: see the module docstring.
+        self.topology = Topology(Layout.FLEECING, images.folder, on_cbw_error=on_cbw_error,
+                                 cbw_timeout=cbw_timeout, fault=None, throttle_bps=plan.rate)
+        self.source = self.topology.image("source")
+        self.target = self.topology.image("target")
 
     # ---------------------------------------------------------- set-up
-    @staticmethod
-    def _raw_node(name: str, path: Path) -> dict[str, Any]:
-        # No blkdebug and no max-transfer: see the module docstring.
-        return {"driver": "raw", "node-name": name,
-                "file": {"driver": "file", "filename": str(path)}}
-
-    def cbw_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"driver": "copy-before-write", "node-name": "cbw",
-                                "file": "source", "target": "throttled-target"}
-        if self.on_cbw_error is not None:
-            opts["on-cbw-error"] = self.on_cbw_error
-        if self.cbw_timeout is not None:
-            opts["cbw-timeout"] = self.cbw_timeout
-        return opts
-
     def launch(self) -> Machine:
         """Images and QEMU with the raw ``source`` and ``target`` nodes, nothing more."""
         self.images.create(self.source.name, IMAGE_SIZE, "raw")
         self.images.write(self.source, ORIGINAL, 0, IMAGE_SIZE, "raw")
         self.images.create(self.target.name, IMAGE_SIZE, "raw")
-        args = ["-device", "virtio-scsi,id=scsi"]
-        for name, path in (("source", self.source), ("target", self.target)):
-            args += ["-blockdev", json.dumps(self._raw_node(name, path))]
+        controller, _ = self._device()
+        args = ["-device", json.dumps(controller)]
+        for node in self.topology.image_nodes():
+            args += ["-blockdev", json.dumps(node)]
         self.vm = self.launch_vm(args, name="vm", command_timeout=self.plan.command_timeout)
         return self.vm
+
+    def _device(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The SCSI controller and the disk on the copy-before-write node."""
+        controller, device = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
+        assert controller is not None
+        return controller, device
 
     def start(self) -> Machine:
         """Launch, then build the layout: throttle group and node, CBW, snapshot, disk."""
@@ -263,14 +254,10 @@ class TimeoutFleecing:
         self.transcript.log(f"=== fleecing, throttled target, on-cbw-error="
                             f"{value_id(self.on_cbw_error)}, {timeout}; sizes planned for "
                             f"{self.plan.timeout} s: {self.plan.describe()} ===")
-        self.cmd("object-add", {"qom-type": "throttle-group", "id": "tg0",
-                                "limits": {"bps-write": self.plan.rate}})
-        self.cmd("blockdev-add", {"driver": "throttle", "node-name": "throttled-target",
-                                  "throttle-group": "tg0", "file": "target"})
-        self.cmd("blockdev-add", self.cbw_options())
-        self.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "snapshot",
-                                  "file": "cbw"})
-        self.cmd("device_add", {"driver": "scsi-hd", "drive": "cbw", "id": DEVICE})
+        self.cmd("object-add", self.topology.throttle_group())
+        for node in self.topology.filter_nodes():
+            self.cmd("blockdev-add", node)
+        self.cmd("device_add", self._device()[1])
         assert self.vm is not None
         return self.vm
 
@@ -297,15 +284,16 @@ class TimeoutFleecing:
     def read_snapshot(self, label: str, offset: int, size: int) -> QemuIoResult:
         """Read the point-in-time view; it must still hold the original data."""
         assert self.vm is not None
-        result = self.vm.qemu_io("snapshot", f"read -P {ORIGINAL:#x} {offset} {size}",
-                                 device=False)
+        result = self.vm.qemu_io(self.topology.snapshot_node,
+                                 f"read -P {ORIGINAL:#x} {offset} {size}", device=False)
         self.transcript.log(f"snapshot read {label} ({offset}+{size}): {result.output}")
         self.run.reads[label] = result
+        self.run.read_ranges[label] = (offset, size)
         return result
 
     def lift_throttle(self) -> None:
         """Remove the limit: background copies that outlived their timeout can finish."""
-        self.cmd("qom-set", {"path": "tg0", "property": "limits",
+        self.cmd("qom-set", {"path": self.topology.group, "property": "limits",
                              "value": {"bps-write": 0}})
 
     def stop(self) -> None:

@@ -34,7 +34,19 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.conf"))
 
 # BlkdebugEvent values of QEMU 7.2 and 11.1 (identical), from query-qmp-schema.
-EVENTS = frozenset(["l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare", "l1_shrink_write_table", "l1_shrink_free_l2_clusters", "cor_write", "cluster_alloc_space", "none"])
+EVENTS = frozenset([
+    "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
+    "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",
+    "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed",
+    "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow",
+    "reftable_update", "refblock_load", "refblock_update", "refblock_update_part",
+    "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write",
+    "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table",
+    "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os", "flush_to_disk",
+    "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail",
+    "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare", "l1_shrink_write_table",
+    "l1_shrink_free_l2_clusters", "cor_write", "cluster_alloc_space", "none",
+])
 MEMBERS_7_2 = frozenset({"event", "state", "iotype", "errno", "sector", "once", "immediately"})
 
 
@@ -307,8 +319,8 @@ def test_model_errors(make: Callable[[], object], expected: str) -> None:
 def test_qemu_accepts_config(path: Path, tmp_path: Path, qemu_build: Any) -> None:
     image = tmp_path / "img.raw"
     image.write_bytes(b"\xaa" * 65536)
-    spec = ('json:{"driver": "raw", "file": {"driver": "blkdebug", "config": "%s", '
-            '"image": {"driver": "file", "filename": "%s"}}}' % (path, image))
+    spec = (f'json:{{"driver": "raw", "file": {{"driver": "blkdebug", "config": "{path}", '
+            f'"image": {{"driver": "file", "filename": "{image}"}}}}}}')
     op = "write 0 4k" if "write" in path.name else "read 0 4k"
     out = subprocess.run([str(qemu_build.qemu_io), "-c", op, "-c", op, spec],
                          capture_output=True, text=True, timeout=60)

@@ -51,7 +51,7 @@ def test_missing_module_names_kernel_and_module(tmp_path, cache) -> None:  # noq
     image = GuestImage(fake_kernel(tmp_path, {"virtio_blk": ""}), tmp_path / "busybox")
     (tmp_path / "busybox").write_bytes(b"\x7fELF")
     assert image.initramfs(["virtio-blk"]) == image.initramfs(["virtio-blk"])  # built once
-    with pytest.raises(ConfigError, match="kernel 6.0-test has no module virtio_scsi under"):
+    with pytest.raises(ConfigError, match=r"kernel 6\.0-test has no module virtio_scsi under"):
         image.initramfs(["virtio-scsi"])
 
 

@@ -20,7 +20,8 @@ from harness.plugin.session import check_artifacts_dir, make_run_dir
 from harness.plugin.summary import render_grid
 from harness.qemu import builds, probe
 from harness.qemu.debian import mirror_in
-from harness.qemu.machine import QemuIoResult, _sh_quote_relocatable, event_matches
+from harness.qemu.qemu_io import QemuIoResult
+from harness.qemu.machine import _sh_quote_relocatable, event_matches
 from harness.qemu.probe import Schema
 from harness.qemu.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
 

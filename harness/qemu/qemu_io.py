@@ -1,0 +1,43 @@
+"""What ``qemu-io`` printed, read: the first failure, and which pattern reads held.
+
+The same parsing serves HMP ``qemu-io`` inside QEMU and the standalone tool, whose
+outputs are the same text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .replay import qemu_io_error  # one parser; replay.py stays standard-library only
+
+_PATTERN_FAILED = re.compile(r"Pattern verification failed at offset (\d+)")
+_READ_DONE = re.compile(r"^read \d+/\d+ bytes at offset (\d+)$", re.M)
+
+
+@dataclass(frozen=True)
+class QemuIoResult:
+    """What a ``qemu-io`` command printed, and whether it failed."""
+
+    command: str
+    output: str
+
+    @property
+    def error(self) -> str | None:
+        """The error text (``Input/output error``) of the first failure line, if any."""
+        return qemu_io_error(self.output)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def pattern_reads(self, offsets: Iterable[int]) -> dict[int, bool] | None:
+        """For ``read -P`` commands at ``offsets``: does each range hold the pattern?
+        None if a read did not complete (an I/O error, not a data verdict)."""
+        wanted = set(offsets)
+        failed = {int(m) for m in _PATTERN_FAILED.findall(self.output)}
+        done = {int(m) for m in _READ_DONE.findall(self.output)}
+        if done != wanted:
+            return None
+        return {o: o not in failed for o in sorted(wanted)}
