@@ -102,6 +102,12 @@ class Topology:
         return self.write_node if self.layout.has_snapshot else self.node("source")
 
     @property
+    def writes_through_device(self) -> bool:
+        """A backup job's filter goes with the job, which may end mid-scenario: writers
+        need a device, which QEMU re-attaches to the source then (no node name to lose)."""
+        return not self.layout.has_snapshot
+
+    @property
     def snapshot_node(self) -> str:
         return self.node("snapshot")
 

@@ -8,9 +8,14 @@ backup); the test asserts on it.  Every step is also written to a :class:`Transc
 The parts, each with one job:
 
 * :class:`~harness.block.topology.Topology` (from the spec): the block graph;
-* :class:`Scenario`: launches QEMU on it (``-machine none``, no device: as QEMU's own
-  copy-before-write iotest, the "guest" is HMP ``qemu-io`` on the copy-before-write
-  node), writes as the guest, reads the snapshot;
+* :class:`Scenario`: launches QEMU on it, writes as the guest, reads the snapshot.
+  Fleecing layouts run as QEMU's own copy-before-write iotest does: ``-machine none``,
+  no device, the "guest" is HMP ``qemu-io`` on the copy-before-write node, which
+  nothing removes.  A backup job's filter goes when the job ends, and a job may end
+  mid-scenario (a QEMU that aborts the job when the snapshot breaks, as documented):
+  there the guest writes through a SCSI disk, which QEMU moves back to the source
+  with the filter's removal, as it would a real guest's (QEMU waits under ``-S``, the
+  disk has its geometry: nothing reads it behind the scenario's back);
 * :class:`JobDriver`: follows the job to its end, as its error policy asks;
 * :func:`judge_data`: reads the images offline into the data verdicts.
 
@@ -33,11 +38,16 @@ from typing import Any
 from ..block.data import CHUNK, GUEST_WRITES, IMAGE_SIZE, NEW, ORIGINAL, UNTOUCHED, KiB, MiB
 from ..block.faults import NO_FAULT, Fault
 from ..block.images import Images
-from ..block.topology import Layout, Topology
+from ..block.topology import Layout, Topology, guest_device
 from ..errors import QEMUUnresponsive
 from ..qemu.machine import Machine
 from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
+
+DEVICE = "disk0"
+# The disk's CHS geometry (4 MiB), given so that the device does not read sector 0 to
+# guess it: that read would consume a one-shot blkdebug rule that names no sector.
+GEOMETRY = {"cyls": 8, "heads": 16, "secs": 64}
 
 __all__ = [
     "CHUNK", "CRUISE_SPEED", "GUEST_WRITES", "IMAGE_SIZE", "JOB", "NEW", "NO_FAULT",
@@ -360,8 +370,15 @@ class Scenario:
         args: list[str] = []
         for node in self.topology.image_nodes():
             args += ["-blockdev", json.dumps(node)]
+        machine_type = "none"
+        if self.topology.writes_through_device:
+            controller, disk = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
+            assert controller is not None
+            args += ["-S", "-device", json.dumps(controller),
+                     "-device", json.dumps({**disk, **GEOMETRY})]
+            machine_type = "pc"
         kwargs = {"command_timeout": self.command_timeout} if self.command_timeout else {}
-        self.vm = self.launch_vm(args, name=self.name, machine_type="none", **kwargs)
+        self.vm = self.launch_vm(args, name=self.name, machine_type=machine_type, **kwargs)
         spec = self.spec
         self.transcript.log(f"=== {spec.layout.value}, on-cbw-error="
                             f"{value_id(spec.on_cbw_error)}, fault {spec.fault.name} ===")
@@ -381,10 +398,13 @@ class Scenario:
         return self.transcript.execute(self.vm, command, args)
 
     def guest_write(self, offset: int, length: int = CHUNK, pattern: int = NEW) -> QemuIoResult:
-        """A write as the guest's: through the copy-before-write node."""
+        """A write as the guest's: through the disk, or the copy-before-write node."""
         assert self.vm is not None
-        result = self.vm.qemu_io(self.topology.write_node,
-                                 f"write -P {pattern:#x} {offset} {length}", device=False)
+        command = f"write -P {pattern:#x} {offset} {length}"
+        if self.topology.writes_through_device:
+            result = self.vm.qemu_io(DEVICE, command, device=True)
+        else:
+            result = self.vm.qemu_io(self.topology.write_node, command, device=False)
         self.transcript.log(f"guest write {pattern:#x} at {offset}+{length}: {result.output}")
         self.obs.guest_writes[offset] = result
         return result

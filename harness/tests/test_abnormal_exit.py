@@ -78,9 +78,9 @@ def test_plain(launch_vm):
 # A fleecing scenario to its data verdicts; QEMU is stopped by the scenario itself.
 SCENARIO = """
 import os, signal
-from harness.scenarios.cbw import Layout, Scenario, run
+from harness.scenarios.cbw import Layout, Scenario, ScenarioSpec, run
 def test_scenario(launch_vm, images):
-    s = Scenario(launch_vm, images, layout=Layout.FLEECING, on_cbw_error="break-snapshot")
+    s = Scenario(launch_vm, images, ScenarioSpec(Layout.FLEECING, on_cbw_error="break-snapshot"))
     if os.environ["CBW_HOW"] == "sigsegv-mid-test":
         s.start()
         os.kill(s.vm.pid, signal.SIGSEGV)

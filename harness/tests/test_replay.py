@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # The guest write meets the one-shot fault and fails (break-guest-write), as QEMU
 # documents; this test wrongly expects it to succeed.
 WRONG_EXPECTATION = """
-from harness.scenarios.cbw import Fault, Layout, Scenario, run
+from harness.scenarios.cbw import Fault, Layout, Scenario, ScenarioSpec, run
 def test_wrong_expectation(launch_vm, images):
-    s = Scenario(launch_vm, images, layout=Layout.FLEECING, on_cbw_error="break-guest-write",
-                 fault=Fault("target-write", once=True))
+    s = Scenario(launch_vm, images, ScenarioSpec(Layout.FLEECING, on_cbw_error="break-guest-write",
+                                                 fault=Fault("target-write", once=True)))
     obs = run(s)
     assert not obs.failed_writes, "expected every guest write to succeed"
 """
@@ -57,7 +57,7 @@ def test_failed_scenario_replays_to_the_same_verdict(tmp_path, qemu_build):
     replayed = run_replay(script.parent, qemu_build.qemu_system)
     assert replayed.returncode == 1, replayed.stdout + replayed.stderr
     assert "REPRODUCED" in replayed.stdout
-    assert 'qemu-io -d disk0 "write -P 0x55 1048576 65536" -> Input/output error' \
+    assert 'qemu-io cbw "write -P 0x55 1048576 65536" -> Input/output error' \
         in replayed.stdout
     assert "expected every guest write to succeed" in replayed.stdout  # the test's line
 
@@ -75,7 +75,7 @@ def test_replay_reports_a_different_outcome(tmp_path, qemu_build):
     replayed = run_replay(folder, qemu_build.qemu_system)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "NOT REPRODUCED" in replayed.stdout
-    assert re.search(r'recorded hmp qemu-io -d disk0 "write -P 0x55 1048576 65536" -> ok\n'
+    assert re.search(r'recorded hmp qemu-io cbw "write -P 0x55 1048576 65536" -> ok\n'
                      r'\s+now hmp .* -> Input/output error', replayed.stdout), replayed.stdout
 
 
