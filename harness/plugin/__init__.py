@@ -30,6 +30,8 @@ from ..qemu.transcript import Transcript, compare, reference_path
 if TYPE_CHECKING:
     from ..guest.vm import GuestImage
 
+pytest_plugins = ["harness.plugin.results"]  # results.json: what the matrix and diff read
+
 _live_machines: weakref.WeakSet[Machine] = weakref.WeakSet()
 _ARTIFACTS_MARK = ".cbw-artifacts"
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
