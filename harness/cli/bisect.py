@@ -31,7 +31,7 @@ class Verdict:
 def commit_id(cwd: Path) -> str:
     proc = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd,
                           capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "(not a git tree)"
+    return proc.stdout.strip() if proc.returncode == 0 else "not-a-git-tree"
 
 
 def build(cmd: str | None, cwd: Path) -> tuple[bool, str]:

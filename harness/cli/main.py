@@ -20,6 +20,10 @@ DEFAULT_SELECTION = ("iotests",)
 TROUBLE = 2
 
 
+def _absolute(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
 def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Our arguments, and pytest's after ``--``."""
     argv = list(argv)
@@ -140,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = sub.add_parser("matrix", help="run the suite (or a selection) against each build")
     m.add_argument("builds", nargs="*", help="release names, build directories, qemu-system "
                    "paths, or NAME=any of those")
-    m.add_argument("--out", default="artifacts/matrix", help="report folder")
+    m.add_argument("--out", default="artifacts/matrix", type=_absolute, help="report folder")
     m.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run there (default: move it aside)")
     m.add_argument("--workers", type=int, help="xdist workers per build")
@@ -151,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("diff", help="what behaves differently between two builds or runs")
     d.add_argument("a", help="a build (as for matrix) or a saved run (folder or results.json)")
     d.add_argument("b")
-    d.add_argument("--out", default="artifacts/diff", help="where runs of builds go")
+    d.add_argument("--out", default="artifacts/diff", type=_absolute,
+                   help="where runs of builds go")
     d.add_argument("--overwrite", action="store_true")
     sub.add_parser("releases", help="the QEMU releases Debian's archive serves")
     sub.add_parser("bisect-step", help="one step of git bisect run (see bisect-step -h)")

@@ -46,16 +46,21 @@ def startup_failure(log: str, returncode: int) -> str:
     return f"pytest exited {returncode} without results: {tail}"
 
 
+# Selections name the suite's files relative to the harness's checkout.
+HARNESS_ROOT = Path(__file__).resolve().parents[2]
+
+
 def start(spec: BuildSpec, folder: Path, selection: Sequence[str], workers: int,
           extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], float]:
-    """Start pytest for ``spec``; its artifacts, log and results go to ``folder``."""
+    """Start pytest for ``spec`` in the harness's checkout; its artifacts, log and results
+    go to ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *spec.pytest_args(),
             "--build-name", spec.name, "--artifacts", str(folder),
             "--junitxml", str(folder / "junit.xml"), "-n", str(workers), *extra, *selection]
     log = open(folder / LOG_FILE, "wb")  # noqa: SIM115 (closed by the child's exit)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, cwd=HARNESS_ROOT)
     log.close()
     return proc, time.monotonic()
 
