@@ -106,6 +106,24 @@ class _BisectParser(argparse.ArgumentParser):
         sys.exit(bisect.main_error(message))
 
 
+def _report(args: argparse.Namespace) -> int:
+    merged: dict[str, Run] = {}
+    for text in args.runs:
+        run = load_saved(Path(text))
+        if run.name in merged:  # another part of the same build's suite
+            into = merged[run.name]
+            assert into.results is not None and run.results is not None
+            into.results["tests"].update(run.results["tests"])
+            for k, n in run.results["counts"].items():
+                into.results["counts"][k] = into.results["counts"].get(k, 0) + n
+        else:
+            merged[run.name] = run
+    out = fresh_folder(args.out, args.overwrite)
+    rep = report.write_all(list(merged.values()), [], out)
+    print(f"report of {len(merged)} builds x {len(rep['tests'])} tests: {out}/report.md")
+    return 0
+
+
 def _bisect(argv: Sequence[str]) -> int:
     ours, pytest_args = _split(argv)
     parser = _BisectParser(prog="python -m harness bisect-step",
@@ -158,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--out", default="artifacts/diff", type=_absolute,
                    help="where runs of builds go")
     d.add_argument("--overwrite", action="store_true")
+    r = sub.add_parser("report", help="one matrix report from saved runs (CI jobs' parts "
+                       "of the suite merge per build)")
+    r.add_argument("runs", nargs="+", help="run folders or their results.json")
+    r.add_argument("--out", default="artifacts/matrix", type=_absolute)
+    r.add_argument("--overwrite", action="store_true")
     sub.add_parser("releases", help="the QEMU releases Debian's archive serves")
     sub.add_parser("bisect-step", help="one step of git bisect run (see bisect-step -h)")
     args = parser.parse_args(ours)
@@ -166,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _matrix(args, selection or list(DEFAULT_SELECTION))
         if args.command == "diff":
             return _diff(args, selection)
+        if args.command == "report":
+            return _report(args)
         from ..qemu import releases
         print(releases.describe(releases.discover()))
         return 0

@@ -141,7 +141,7 @@ def write_junit(run: Run, dest: Path) -> Path:
     """The build's JUnit XML, its testsuite named after the build and its QEMU version."""
     label = f"cbw-harness QEMU {run.name} ({run.build.get('version') or 'did not start'})"
     src = run.folder / "junit.xml"
-    if run.results is not None and src.exists():
+    if run.results is not None and src.exists() and src.resolve() != dest.resolve():
         tree = ET.parse(src)
         for suite in tree.getroot().iter("testsuite"):
             suite.set("name", label)
@@ -151,7 +151,7 @@ def write_junit(run: Run, dest: Path) -> Path:
     suite = ET.SubElement(suites, "testsuite", name=label, tests="1", errors="1",
                           failures="0", skipped="0")
     case = ET.SubElement(suite, "testcase", classname="cbw-harness", name="build starts")
-    ET.SubElement(case, "error", message=run.failure).text = run.failure
+    ET.SubElement(case, "error", message=run.failure or "no JUnit file").text = run.failure
     ET.ElementTree(suites).write(dest, encoding="utf-8", xml_declaration=True)
     return dest
 
