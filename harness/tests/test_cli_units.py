@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from harness.plugin.results import RESULTS_FORMAT, harness_version, one_line
 from harness.qemu import releases
 
 
-def saved(tmp: Path, name: str, tests: dict[str, dict], version: str = "11.1.3") -> Path:
+def saved(tmp: Path, name: str, tests: dict[str, dict[str, Any]], version: str = "11.1.3") -> Path:
     folder = tmp / name
     folder.mkdir()
     counts = {o: sum(t["outcome"] == o for t in tests.values()) for o in
@@ -32,7 +33,7 @@ def saved(tmp: Path, name: str, tests: dict[str, dict], version: str = "11.1.3")
     return folder
 
 
-def run_of(tests: dict[str, dict], name: str = "b") -> Run:
+def run_of(tests: dict[str, dict[str, Any]], name: str = "b") -> Run:
     counts = {o: sum(t["outcome"] == o for t in tests.values()) for o in
               ("passed", "failed", "skipped", "xfailed", "xpassed", "error")}
     return Run(name, Path("."), results={"tests": tests, "counts": counts},
@@ -154,7 +155,7 @@ def test_saved_runs_of_another_harness_version_are_refused(tmp_path):
     data = json.loads((folder / "results.json").read_text())
     data["harness_version"] = "0.0.1"
     (folder / "results.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="written by cbw-harness 0.0.1, this is"):
+    with pytest.raises(ConfigError, match=r"written by cbw-harness 0\.0\.1, this is"):
         load_saved(folder)
     with pytest.raises(ConfigError, match="no saved run there"):
         load_saved(tmp_path / "nothing")
