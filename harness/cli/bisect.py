@@ -8,6 +8,7 @@ retries), 128 only for a misconfigured harness.  Departures count as failures
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+from ..plugin.results import RESULTS_FILE
 from .buildspec import QEMU_SYSTEM, BuildSpec
 from .runs import Run, finish, start
 
@@ -111,6 +114,31 @@ def step(*, build_cmd: str | None, build_dir: Path, find_fix: bool, retries: int
         f"{verdict.why}" + ("" if verdict.code == SKIP else
                            f"; results in {artifacts / commit}"))
     return verdict.code
+
+
+def boundary(repo: Path, artifacts: Path) -> tuple[Path, Path]:
+    """The saved runs of the last good and the first bad commit of a finished bisect
+    (in --find-fix terms: the last broken and the first fixed)."""
+    proc = subprocess.run(["git", "bisect", "log"], cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"no bisect in progress in {repo}: run git bisect run first")
+    first = re.search(r"^# first (\S+) commit: \[([0-9a-f]+)\]", proc.stdout, re.M)
+    if first is None:
+        raise ConfigError("git bisect log names no first bad commit yet: let the bisect finish")
+    new_term, first_bad = first.group(1), first.group(2)
+    marks = re.findall(r"^git bisect (\S+) ([0-9a-f]+)$", proc.stdout, re.M)
+    olds = [sha for term, sha in marks if term not in (new_term, "skip", "start")]
+    steps = {p.name: p for p in artifacts.glob("*") if (p / RESULTS_FILE).exists()}
+
+    def found(sha: str) -> Path | None:
+        return next((p for name, p in steps.items() if sha.startswith(name)), None)
+
+    bad = found(first_bad)
+    good = next((p for sha in reversed(olds) if (p := found(sha)) is not None), None)
+    if bad is None or good is None:
+        raise ConfigError(f"no saved runs of both sides of the boundary in {artifacts}: "
+                          "pass bisect-step's --artifacts folder")
+    return good, bad
 
 
 def main_error(message: str) -> int:

@@ -6,6 +6,7 @@ data verdicts, snapshot reads), field by field; tests by outcome.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,25 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, f"{prefix}[{i}]"))
         return out
     return {prefix: str(value)}
+
+
+# Measured durations ("ok after 3.1s") vary from run to run; a change counts only
+# beyond this much (so a timeout that wraps from 10 s to 1.4 s shows, jitter does not).
+_DURATION = re.compile(r"(\d+(?:\.\d+)?) ?s\b")
+DURATION_SLACK_S = 1.0
+DURATION_SLACK_RATIO = 0.25
+
+
+def same_observation(a: str, b: str) -> bool:
+    """Equal, or equal but for durations within the slack."""
+    if a == b:
+        return True
+    if _DURATION.sub("#", a) != _DURATION.sub("#", b):
+        return False
+    for x, y in zip(map(float, _DURATION.findall(a)), map(float, _DURATION.findall(b))):
+        if abs(x - y) > max(DURATION_SLACK_S, DURATION_SLACK_RATIO * max(x, y)):
+            return False
+    return True
 
 
 @dataclass
@@ -73,7 +93,8 @@ def _scenario_changes(nodeid: str, rows_a: list[dict[str, Any]],
         fa, fb = flatten(ra), flatten(rb)
         fields = [(k, fa.get(k, "(not observed)"), fb.get(k, "(not observed)"))
                   for k in dict.fromkeys([*fa, *fb])
-                  if k not in IDENTITY_KEYS and fa.get(k) != fb.get(k)]
+                  if k not in IDENTITY_KEYS
+                  and not same_observation(fa.get(k, ""), fb.get(k, ""))]
         if fields:
             yield ScenarioChange(nodeid, _title(ra), fields)
 
@@ -109,7 +130,11 @@ def render(diff: Diff, width: int = 48) -> str:
                 f"    {'':14} {diff.a.name:<{width}} {diff.b.name}"]
         for field, va, vb in ch.fields:
             name = LABELS.get(field, field.replace("_", " "))
-            out.append(f"    {name:14} {va:<{width}} {vb}")
+            if len(va) < width and len(vb) < 2 * width:
+                out.append(f"    {name:14} {va:<{width}} {vb}")
+            else:  # too long to stand side by side: one above the other
+                out += [f"    {name:14} {diff.a.name}: {va}",
+                        f"    {'':14} {diff.b.name}: {vb}"]
     if diff.outcomes:
         out += ["", f"{len(diff.outcomes)} tests changed outcome:"]
     # Tests that changed the same way for the same reasons (a capability one side lacks)

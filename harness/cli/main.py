@@ -181,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("runs", nargs="+", help="run folders or their results.json")
     r.add_argument("--out", default="artifacts/matrix", type=_absolute)
     r.add_argument("--overwrite", action="store_true")
+    bd = sub.add_parser("bisect-diff", help="after git bisect run: the first bad commit's "
+                        "run beside the last good one's")
+    bd.add_argument("--artifacts", default="artifacts/bisect", type=_absolute,
+                    help="where bisect-step kept each step's results")
     sub.add_parser("releases", help="the QEMU releases Debian's archive serves")
     sub.add_parser("bisect-step", help="one step of git bisect run (see bisect-step -h)")
     args = parser.parse_args(ours)
@@ -191,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _diff(args, selection)
         if args.command == "report":
             return _report(args)
+        if args.command == "bisect-diff":
+            last_good, first_bad = bisect.boundary(Path.cwd(), args.artifacts)
+            change = diff.compare(load_saved(last_good), load_saved(first_bad))
+            print(f"last good: {last_good.name}, first bad: {first_bad.name}")
+            print(diff.render(change))
+            return 0 if change.empty else 1
         from ..qemu import releases
         print(releases.describe(releases.discover()))
         return 0

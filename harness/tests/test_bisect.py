@@ -121,6 +121,14 @@ def test_git_bisect_run_lands_on_the_commit_that_changed_qemu(tmp_path, releases
     # Each step says why, on one line: the failing test and its first failure line.
     failing = [ln for ln in verdicts if "omitted-10s" in ln]
     assert failing and all("failed after 1.4" in ln for ln in failing), steps
+    # The boundary, side by side: the last good commit's run beside the first bad one's.
+    side = subprocess.run([sys.executable, "-m", "harness", "bisect-diff"], cwd=repo,
+                          capture_output=True, text=True, timeout=60)
+    assert side.returncode == 1, side.stdout + side.stderr
+    first_line = side.stdout.splitlines()[0]
+    assert ids[FIRST_CHANGED][:12] in first_line and ids[FIRST_CHANGED - 1][:12] in first_line
+    pair = ("passed -> failed") if not find_fix else ("failed -> passed")
+    assert f"test_timeout_boundary[omitted-10s]: {pair}" in side.stdout, side.stdout
 
 
 def test_bisect_step_exit_codes_for_bad_options_and_empty_selections(tmp_path):
