@@ -74,7 +74,8 @@ def _first_change(runs: list[Run]) -> int:
     return 0
 
 
-def _side(text: str, out: Path, selection: list[str]) -> Run | None:
+def _saved_run(text: str) -> Run | None:
+    """The saved run ``text`` names (a run folder or its JSON), or None for a build."""
     p = Path(text).expanduser()
     if p.is_file() or (p.is_dir() and (p / RESULTS_FILE).exists()):
         return load_saved(p)
@@ -83,7 +84,7 @@ def _side(text: str, out: Path, selection: list[str]) -> Run | None:
 
 def _diff(args: argparse.Namespace, selection: list[str]) -> int:
     out = Path(args.out)
-    saved = {t: _side(t, out, selection) for t in (args.a, args.b)}
+    saved = {t: _saved_run(t) for t in (args.a, args.b)}
     to_run = [t for t, r in saved.items() if r is None]
     runs: dict[str, Run] = {t: r for t, r in saved.items() if r is not None}
     if to_run:
