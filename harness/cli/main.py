@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,8 +151,14 @@ def _bisect(argv: Sequence[str]) -> int:
                        artifacts=Path(args.artifacts).resolve(), cwd=Path.cwd())
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # Unwinds like Ctrl-C, so that the runs' pytest processes are ended too.
+    sys.exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if argv[:1] == ["bisect-step"]:
         try:
             return _bisect(argv[1:])

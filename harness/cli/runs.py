@@ -6,8 +6,10 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,38 +86,32 @@ def finish(spec: BuildSpec, folder: Path, proc: subprocess.Popen[bytes], started
 def run_all(specs: Sequence[BuildSpec], out: Path, selection: Sequence[str], workers: int,
             at_once: int, extra: Sequence[str] = ()) -> list[Run]:
     """Run every build, ``at_once`` side by side; runs come back in ``specs``' order."""
-    pending = list(specs)
-    active: list[tuple[BuildSpec, subprocess.Popen[bytes], float]] = []
-    done: dict[str, Run] = {}
-    try:
-        while pending or active:
-            while pending and len(active) < at_once:
-                spec = pending.pop(0)
-                proc, t0 = start(spec, out / spec.name, selection, workers, extra)
-                active.append((spec, proc, t0))
-            # Wait for whichever finishes first (os.wait-free: poll the few children).
-            spec, proc, t0 = _first_finished(active)
-            active.remove((spec, proc, t0))
-            done[spec.name] = finish(spec, out / spec.name, proc, t0)
-            print(f"[matrix] {spec.name}: {summary_line(done[spec.name])}", file=sys.stderr,
-                  flush=True)
-    finally:
-        for _spec, proc, _t0 in active:  # interrupted: no pytest (nor its QEMUs) left over
-            proc.terminate()
-            proc.wait()
-    return [done[s.name] for s in specs]
+    live: set[subprocess.Popen[bytes]] = set()
+    lock = threading.Lock()
 
-
-def _first_finished(active: list[tuple[BuildSpec, subprocess.Popen[bytes], float]]
-                    ) -> tuple[BuildSpec, subprocess.Popen[bytes], float]:
-    while True:
-        for entry in active:
-            if entry[1].poll() is not None:
-                return entry
+    def one(spec: BuildSpec) -> Run:
+        proc, t0 = start(spec, out / spec.name, selection, workers, extra)
+        with lock:
+            live.add(proc)
         try:
-            active[0][1].wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
+            run = finish(spec, out / spec.name, proc, t0)
+        finally:
+            with lock:
+                live.discard(proc)
+        print(f"[matrix] {spec.name}: {summary_line(run)}", file=sys.stderr, flush=True)
+        return run
+
+    pool = ThreadPoolExecutor(max_workers=max(1, at_once))
+    try:
+        return list(pool.map(one, specs))
+    finally:
+        # Interrupted: no pytest (nor, through its plugin, any QEMU) is left running.
+        pool.shutdown(wait=False, cancel_futures=True)
+        with lock:
+            for proc in live:
+                proc.terminate()
+        for proc in list(live):
+            proc.wait()
 
 
 def summary_line(run: Run) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,31 @@ def test_matrix_report_first_change_and_a_build_that_cannot_start(tmp_path):
     rows = run["tests"][CONTROLS[2]]["observations"]
     assert rows[0]["scenario"] == "backup-sync-none / no-fault"
     assert rows[0]["guest_write"] == "all ok"
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def test_a_terminated_matrix_leaves_no_run_behind(tmp_path):
+    builds.provision("11.1")
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "matrix", "a=11.1", "b=11.1",
+                             "--out", str(tmp_path / "m"), "--", *SELECTION],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while len(children(proc.pid)) < 2:  # both builds' pytest started
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "the matrix never started its runs"
+        time.sleep(0.1)
+    runs = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in runs:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", f"run {pid} left behind"
