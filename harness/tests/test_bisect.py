@@ -132,8 +132,10 @@ def test_git_bisect_run_lands_on_the_commit_that_changed_qemu(tmp_path, releases
 
 
 def test_bisect_step_exit_codes_for_bad_options_and_empty_selections(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "harness", "bisect-step", *a],
-                                    cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harness", "bisect-step", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
     bad_option = run("--retries", "x", "--", "iotests")
     assert bad_option.returncode == 128, bad_option.stderr
     assert "invalid int value" in bad_option.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.qemu import builds
+from harness.qemu.cache import cache_root
 
 pytestmark = pytest.mark.selftest
 
@@ -56,7 +57,7 @@ def checkout_copy(dest: Path) -> Path:
 
 def run_jobs(tool: Path, repo: Path, *jobs: str) -> subprocess.CompletedProcess[str]:
     variables = {"CBW_PYTHON": sys.executable, "CBW_PYTEST_ARGS": SELECTION,
-                 "CBW_CACHE_DIR": str(builds.cache_root())}
+                 "CBW_CACHE_DIR": str(cache_root())}
     argv = [str(tool), *jobs]
     for k, v in variables.items():
         argv += ["--variable", f"{k}={v}"]
