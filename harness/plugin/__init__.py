@@ -41,7 +41,10 @@ from .session import (
 if TYPE_CHECKING:
     from ..guest.vm import GuestImage
 
-pytest_plugins = ["harness.plugin.departures"]  # strict xfails from the departures registry
+pytest_plugins = [
+    "harness.plugin.departures",  # strict xfails from the departures registry
+    "harness.plugin.results",  # results.json: what the matrix and diff read
+]
 
 _live_machines: weakref.WeakSet[Machine] = weakref.WeakSet()
 _phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -65,10 +66,7 @@ def release_dir(name: str) -> Path:
 
 def provision(name: str = DEFAULT_RELEASE) -> Path:
     """Make release ``name`` available in the cache; returns the directory of its wrappers."""
-    if name not in RELEASES:
-        raise ConfigError(f"unknown QEMU release {name!r}: choose one of "
-                          f"{', '.join(RELEASES)} (or pass --qemu-build / QEMU_PROG)")
-    release = RELEASES[name]
+    release = RELEASES.get(name) or _discovered(name)
     top = release_dir(name)
     marker = top / "complete.json"
     if _current(marker):
@@ -111,6 +109,12 @@ def _mark_complete(top: Path, data: dict[str, object]) -> None:
     tmp = top / "complete.json.tmp"
     tmp.write_text(json.dumps(data, indent=1))
     tmp.rename(top / "complete.json")
+
+
+def _discovered(name: str) -> Release:
+    """A release the archive's indexes name (harness/qemu/releases.py), e.g. ``10.0.2``."""
+    from . import releases
+    return Release(name, releases.find(name).to_suite())
 
 
 def _loader(prefix: Path) -> tuple[Path, list[Path]]:
@@ -171,7 +175,7 @@ def _check_version(qemu: Path, name: str) -> str:
         raise ProvisionError(f"provisioned QEMU {name} does not run ({exc}); "
                              f"delete {release_dir(name)} and retry") from None
     first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
-    if out.returncode != 0 or f"version {name}." not in first:
+    if out.returncode != 0 or not re.search(rf"version {re.escape(name)}[. ]", first):
         raise ProvisionError(f"provisioned QEMU {name} does not run as expected "
                              f"({first or out.stderr.strip()!r}); "
                              f"delete {release_dir(name)} and retry")
@@ -227,9 +231,11 @@ def choose(*, qemu_build: str | None = None, qemu_prog: str | None = None,
     Only checks paths: no binary runs, nothing is fetched."""
     env = os.environ if env is None else env
     name = release or DEFAULT_RELEASE
-    if name not in RELEASES:
+    if name not in RELEASES and not re.fullmatch(r"\d+\.\d+(?:\.\d+)?", name):
+        # Other versions are looked up in the archive's indexes when first needed.
         raise ConfigError(f"unknown QEMU release {name!r}: choose one of "
-                          f"{', '.join(RELEASES)} (or pass --qemu-build / QEMU_PROG)")
+                          f"{', '.join(RELEASES)}, a version the archive serves "
+                          "(python -m harness releases), or pass --qemu-build / QEMU_PROG")
     options = {"qemu-system-x86_64": ("--qemu-prog", qemu_prog, "QEMU_PROG"),
                "qemu-img": ("--qemu-img-prog", qemu_img_prog, "QEMU_IMG_PROG"),
                "qemu-io": ("--qemu-io-prog", qemu_io_prog, "QEMU_IO_PROG")}

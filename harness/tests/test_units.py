@@ -20,9 +20,9 @@ from harness.plugin.session import check_artifacts_dir, make_run_dir
 from harness.plugin.summary import render_grid
 from harness.qemu import builds, probe
 from harness.qemu.debian import mirror_in
-from harness.qemu.qemu_io import QemuIoResult
 from harness.qemu.machine import _sh_quote_relocatable, event_matches
 from harness.qemu.probe import Schema
+from harness.qemu.qemu_io import QemuIoResult
 from harness.qemu.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
 
 MIRROR = "http://mirror.invalid/debian"
@@ -75,7 +75,7 @@ def test_select_env_and_siblings(fake_build):
 @pytest.mark.parametrize("kwargs,message", [
     ({"qemu_prog": "/nonexistent/qemu"}, "--qemu-prog: /nonexistent/qemu does not exist"),
     ({"qemu_build": "/nonexistent"}, "--qemu-build /nonexistent: not a directory"),
-    ({"release": "9.9"}, "unknown QEMU release '9.9'"),
+    ({"release": "eleven"}, "unknown QEMU release 'eleven'"),
 ])
 def test_select_errors_are_one_line(kwargs, message):
     with pytest.raises(ConfigError) as info:
