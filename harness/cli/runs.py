@@ -44,6 +44,8 @@ def startup_failure(log: str, returncode: int) -> str:
     for line in reversed(lines):
         if line.startswith("ERROR:"):
             return line.removeprefix("ERROR:").strip()
+        if line.startswith("! _pytest.outcomes.Exit:"):  # the plugin's pytest.exit()
+            return line.removeprefix("! _pytest.outcomes.Exit:").strip(" !")
     tail = lines[-1] if lines else "no output"
     return f"pytest exited {returncode} without results: {tail}"
 
@@ -72,9 +74,12 @@ def finish(spec: BuildSpec, folder: Path, proc: subprocess.Popen[bytes], started
     code = proc.wait()
     run = Run(spec.name, folder, returncode=code, seconds=time.monotonic() - started)
     results = folder / RESULTS_FILE
-    if results.exists():
-        run.results = json.loads(results.read_text())
-        run.build = dict(run.results["build"])
+    saved = json.loads(results.read_text()) if results.exists() else None
+    # A build that could not be set up (a usage error such as a binary that does not
+    # start, an internal error, an interruption) ran nothing: no results to judge.
+    if saved is not None and not (not saved["tests"] and saved.get("exitstatus") in (2, 3, 4)):
+        run.results = saved
+        run.build = dict(saved["build"])
     else:
         log = (folder / LOG_FILE).read_text(errors="replace")
         run.failure = startup_failure(log, code)

@@ -41,7 +41,7 @@ QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils")
 TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-io")
 # Version of the cache layout of a provisioned release (its wrappers); a release
 # cached under an older layout gets new wrappers on first use.
-LAYOUT = 2
+LAYOUT = 3
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,8 @@ def _write_wrappers(top: Path) -> None:
             "#!/bin/sh\n"
             "# Runs Debian's binary through its own loader and libraries, the loader named\n"
             "# after the tool (see harness/qemu/builds.py).\n"
-            'B="$(cd "$(dirname "$0")" && pwd)"\n'
+            '# readlink: a symlink to this script (a build directory of links) works too.\n'
+            'B="$(cd "$(dirname "$(readlink -f "$0")")" && pwd)"\n'
             'P="$(cd "$B/../prefix" && pwd)"\n'
             f'exec "$B/.names/{tool}" --library-path {libpath} '
             f'--argv0 {tool} "$P/usr/bin/{tool}" "$@"\n')

@@ -204,3 +204,12 @@ def test_qmp_library_queues_no_events(launch_vm):
     vm.wait_event("RESUME")
     assert len(vm.events) == 6
     assert vm._client is not None and vm._client.events.empty()
+
+
+def test_build_directory_of_symlinks_runs(qemu_build, tmp_path):
+    """A build directory made of links to the binaries (as bisect and CI scripts make)
+    runs the same QEMU: the provisioned wrappers find their prefix through the link."""
+    link = tmp_path / "qemu-system-x86_64"
+    link.symlink_to(qemu_build.qemu_system)
+    out = subprocess.run([str(link), "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "QEMU emulator version" in out.stdout, out.stderr
