@@ -1,5 +1,5 @@
 # The two commands: `make run` (the suite against the default QEMU, with a summary) and
-# `make check` (the harness's self-tests and the suite).  Both set everything up first.
+# `make check` (static checks, the harness's self-tests and the suite).  Both set everything up first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,7 @@ NO_TESTS_HINT := || { s=$$?; [ $$s != 5 ] || echo "no test was selected (pytest 
 run: provision
 	$(PY) -m pytest iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
-check: provision
+check: provision lint
 	$(PY) -m pytest harness/tests iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
 # Static checks, pinned in pyproject.toml (dev extra).

@@ -59,12 +59,12 @@ def test_one_shot_fault(scenario, check_transcript, on_cbw_error, site):
     if on_cbw_error in BREAKS_GUEST_WRITE:
         # The job's own policy is not consulted for a guest write's error (QAPI); the
         # job copies the region itself later.
-        assert obs.job.errors == [], "BLOCK_JOB_ERROR for a guest write's copy failure"
+        assert obs.ended_job.errors == [], "BLOCK_JOB_ERROR for a guest write's copy failure"
         assert_completed_point_in_time(obs)
     else:
-        assert obs.job.end == "failed", (
+        assert obs.ended_job.end == "failed", (
             f"snapshot broken by the copy-before-write failure, yet the job ended "
-            f"{obs.job.describe()}; backup point-in-time: {obs.backup_is_point_in_time}")
+            f"{obs.ended_job.describe()}; backup point-in-time: {obs.backup_is_point_in_time}")
     assert_success_means_point_in_time(obs)
     check_transcript()
 
@@ -76,8 +76,8 @@ def test_one_shot_faults_on_both_sides(scenario, check_transcript, on_cbw_error)
     fault = Fault("both", once=True)
     obs = run(scenario(layout=Layout.BACKUP_SYNC_FULL, on_cbw_error=on_cbw_error, fault=fault))
     assert_basics(obs, on_cbw_error, fault)
-    assert obs.job.error_actions == [("write", "report")]
-    assert obs.job.end == "failed" and obs.job.error == errno_text(fault.errno)
+    assert obs.ended_job.error_actions == [("write", "report")]
+    assert obs.ended_job.end == "failed" and obs.ended_job.error == errno_text(fault.errno)
     check_transcript()
 
 
@@ -91,7 +91,7 @@ def test_persistent_fault_job_policy(scenario, check_transcript, on_cbw_error, s
                  on_source_error=policy, on_target_error=policy)
     obs = run(s)
     assert_basics(obs, on_cbw_error, fault)
-    job = obs.job
+    job = obs.ended_job
     # The job's own copy of the faulty regions fails: now its policy fires.
     operation = "write" if site == "target-write" else "read"
     action = expected_action(policy, code)

@@ -51,9 +51,9 @@ VALUES = pytest.mark.parametrize("on_cbw_error", [
 
 def assert_runs_until_cancelled(obs):
     """sync=none never ends by itself, and a guest write's copy failure is not its error."""
-    assert obs.job.errors == [], "BLOCK_JOB_ERROR though the job does no I/O of its own"
-    assert obs.job.status_before_cancel == "running"
-    assert obs.job.end == "cancelled"
+    assert obs.ended_job.errors == [], "BLOCK_JOB_ERROR though the job does no I/O of its own"
+    assert obs.ended_job.status_before_cancel == "running"
+    assert obs.ended_job.end == "cancelled"
 
 
 def assert_target_has_old_data_where_written(obs):
@@ -70,7 +70,7 @@ def test_control_without_fault(scenario, check_transcript, on_cbw_error):
     assert_basics(obs, on_cbw_error, NO_FAULT)
     assert_target_has_old_data_where_written(obs)
     assert_runs_until_cancelled(obs)
-    assert obs.job.statuses == ["created", "running", "aborting", "concluded", "null"]
+    assert obs.ended_job.statuses == ["created", "running", "aborting", "concluded", "null"]
     check_transcript()
 
 
@@ -88,10 +88,11 @@ def test_fault(scenario, check_transcript, on_cbw_error, site, once):
     else:
         # No copy-before-write from the failure on: later writes' regions are lost too.
         assert not any(obs.backup_holds_original.values()), obs.backup_holds_original
-        assert obs.job.errors == [], "the guest write's copy failure reached the job's policy"
-        assert obs.job.end == "failed", (
+        assert obs.ended_job.errors == [], "the guest write's copy failure reached the job's policy"
+        job = obs.ended_job
+        assert job.end == "failed", (
             f"snapshot broken by the copy-before-write failure, yet the job was "
-            f"{obs.job.status_before_cancel} when cancelled and ended {obs.job.describe()}")
+            f"{job.status_before_cancel} when cancelled and ended {job.describe()}")
     assert_success_means_point_in_time(obs)
     check_transcript()
 
@@ -105,7 +106,7 @@ def test_persistent_fault_job_policy_not_consulted(scenario, check_transcript, o
     obs = run(scenario(layout=Layout.BACKUP_SYNC_NONE, on_cbw_error=on_cbw_error, fault=fault,
                        on_source_error=policy, on_target_error=policy))
     assert_basics(obs, on_cbw_error, fault)
-    assert obs.job.errors == [], f"on-*-error={policy} consulted for a guest write's copy"
+    assert obs.ended_job.errors == [], f"on-*-error={policy} consulted for a guest write's copy"
     assert_success_means_point_in_time(obs)
     check_transcript()
 

@@ -43,6 +43,7 @@ from harness.guest import (
     GuestDisk,
     GuestOp,
     GuestRun,
+    Op,
     Read,
     Write,
     guest_devices,
@@ -88,11 +89,11 @@ def guest_reads_region(disk: GuestDisk, offset: int) -> bool:
     return not (persistent_read_fault and offset in disk.fault.failing_writes())
 
 
-def standard_plan(disks: list[GuestDisk]) -> list:
+def standard_plan(disks: list[GuestDisk]) -> list[Op]:
     """Per disk: write NEW at each of GUEST_WRITES, then read the untouched regions and
     read back the written ones."""
     devices = guest_devices(disks)
-    plan: list = []
+    plan: list[Op] = []
     for disk in disks:
         dev = devices[disk.name]
         plan += [Write(dev, off, CHUNK, NEW) for off in GUEST_WRITES]

@@ -39,7 +39,7 @@ def test_ignored_read_error_on_broken_snapshot(scenario, check_transcript, speed
                        command_timeout=COMMAND_TIMEOUT))
     assert_basics(obs, "break-snapshot", fault)
     # run() got here: QEMU answered, the job retried (ignore), the harness cancelled it.
-    assert {a for _, a in obs.job.error_actions} == {"ignore"}
-    assert obs.job.end == "cancelled"
+    assert {a for _, a in obs.ended_job.error_actions} == {"ignore"}
+    assert obs.ended_job.end == "cancelled"
     assert_success_means_point_in_time(obs)
     check_transcript()

@@ -58,7 +58,7 @@ def over_nbd(scenario, images, build_info):
         for off in GUEST_WRITES + UNTOUCHED:
             s.obs.snapshot_reads[off] = export.read(off, CHUNK, ORIGINAL)
         export.stop()
-        obs = s.check_data()
+        obs: Observation = s.check_data()
         assert not any("Pattern verification failed" in r.output
                        for r in obs.snapshot_reads.values()), \
             "the export served data that is not the point-in-time data"

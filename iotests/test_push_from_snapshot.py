@@ -64,9 +64,10 @@ def test_one_shot_fault(scenario, check_transcript, on_cbw_error, site):
         assert_completed_point_in_time(obs)
     else:
         # The job's read of the broken snapshot fails; the default policy reports it.
-        assert obs.job.error_actions == [("read", "report")]
-        assert obs.job.end == "failed" and obs.job.error == errno_text(BROKEN_SNAPSHOT_ERROR)
-        assert obs.job.statuses[-3:] == ["aborting", "concluded", "null"]
+        assert obs.ended_job.error_actions == [("read", "report")]
+        assert obs.ended_job.end == "failed"
+        assert obs.ended_job.error == errno_text(BROKEN_SNAPSHOT_ERROR)
+        assert obs.ended_job.statuses[-3:] == ["aborting", "concluded", "null"]
     assert_success_means_point_in_time(obs)
     check_transcript()
 
@@ -80,7 +81,7 @@ def test_persistent_fault_job_policy(scenario, check_transcript, on_cbw_error, s
     obs = run(scenario(layout=Layout.PUSH_FROM_SNAPSHOT, on_cbw_error=on_cbw_error,
                        fault=fault, on_source_error=policy, on_target_error=policy))
     assert_basics(obs, on_cbw_error, fault)
-    job = obs.job
+    job = obs.ended_job
     if breaks_snapshot(on_cbw_error, fault):
         read_error: int | None = BROKEN_SNAPSHOT_ERROR  # not the fault's errno
     elif site == "source-read":

@@ -161,6 +161,13 @@ class Observation:
     backup_holds_original: dict[int, bool] = field(default_factory=dict)
     unresponsive: str | None = None  # the harness's error, if QEMU stopped answering QMP
 
+
+    @property
+    def ended_job(self) -> JobOutcome:
+        """How the scenario's job ended (an error of the test if it ran none)."""
+        assert self.job is not None, "the scenario ran no job to its end"
+        return self.job
+
     @property
     def job_reported_success(self) -> bool:
         """The job ended the way a good backup ends: completed without error; for sync=none,
