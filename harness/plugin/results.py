@@ -33,7 +33,7 @@ def harness_version() -> str:
         return "unknown"
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
@@ -46,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_tests_key] = {}
-    config.stash[_started_key] = _now()
+    config.stash[_started_key] = now()
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -143,7 +143,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     results = {
         "format": RESULTS_FORMAT, "harness_version": harness_version(),
         "build": build_identity(config), "started": config.stash[_started_key],
-        "finished": _now(), "exitstatus": int(exitstatus),
+        "finished": now(), "exitstatus": int(exitstatus),
         "args": list(config.invocation_params.args),
         "counts": {k: counts.get(k, 0) for k in OUTCOMES},
         "tests": tests,

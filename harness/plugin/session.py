@@ -23,6 +23,7 @@ import pytest
 from ..errors import ConfigError, HarnessError, MissingCapability
 from ..qemu import builds, probe
 from ..qemu.cache import locked
+from .results import now
 
 # Fixtures whose use means a test runs the build (the others depend on these).
 QEMU_FIXTURES = frozenset({"build_info", "qemu_build"})
@@ -121,6 +122,7 @@ class HarnessRun:
         self._kill_machines = kill_machines
         self._build_shown = False
         self.interrupted = False
+        self.started = now()
 
     # ------------------------------------------------------------- the build
     @property
@@ -268,6 +270,7 @@ class HarnessRun:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if is_worker(self.config):
             return
+        from .results import harness_version
         from .summary import render_grid, write_json
         tr = terminalreporter
         info = self.probed
@@ -286,14 +289,13 @@ class HarnessRun:
                                   for rep in tr.stats.get("skipped", [])
                                   if isinstance(rep.longrepr, tuple)):
             tr.write_line(f"  skipped {n}: {reason}")
-        for reason, n in _counted(getattr(rep, "wasxfail", "")
-                                  for rep in tr.stats.get("xfailed", [])):
-            tr.write_line(f"  known QEMU departure from its documentation ({n} tests): {reason}")
         if self.rows and info is not None:
             tr.write_line("")
             for line in render_grid(self.rows, info).splitlines():
                 tr.write_line(line)
-            path = write_json(self.rows, info, self.artifacts / "summary.json")
+            run = {"harness_version": harness_version(), "started": self.started,
+                   "finished": now(), "counts": stats}
+            path = write_json(self.rows, info, self.artifacts / "summary.json", run)
             tr.write_line(f"summary JSON: {path}")
         if stats.get("failed") or stats.get("error"):
             tr.write_line(f"artifacts of failed tests: {self.artifacts}")

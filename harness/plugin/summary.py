@@ -189,16 +189,17 @@ def render_grid(rows: Sequence[dict[str, Any]], info: BuildInfo) -> str:
     return "\n".join(out + blocks)
 
 
-def write_json(rows: Sequence[dict[str, Any]], info: BuildInfo, path: Path) -> Path:
+def write_json(rows: Sequence[dict[str, Any]], info: BuildInfo, path: Path,
+               run: dict[str, Any] | None = None) -> Path:
+    """The rows (each with its scenario's full observation), the build's identity and the
+    run's (harness version, timestamps, counts); ``results.json`` has every test."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"qemu": {"version": info.version, "package": info.package,
-                                         "binary": str(info.build.qemu_system),
-                                         "binaries": {t: {"path": str(p),
-                                                          "origin": info.build.origin.get(t),
-                                                          "version": info.tool_versions.get(t)}
-                                                      for t, p in [
-                                             ("qemu-system-x86_64", info.build.qemu_system),
-                                             ("qemu-img", info.build.qemu_img),
-                                             ("qemu-io", info.build.qemu_io)]}},
-                                "rows": list(rows)}, indent=1))
+    b = info.build
+    binaries = {tool: {"path": str(p), "origin": b.origin.get(tool),
+                       "version": info.tool_versions.get(tool)}
+                for tool, p in [("qemu-system-x86_64", b.qemu_system), ("qemu-img", b.qemu_img),
+                                ("qemu-io", b.qemu_io)]}
+    qemu = {"version": info.version, "package": info.package, "binary": str(b.qemu_system),
+            "binaries": binaries}
+    path.write_text(json.dumps({"run": run or {}, "qemu": qemu, "rows": list(rows)}, indent=1))
     return path
