@@ -95,6 +95,7 @@ class ScenarioSpec:
     cbw_timeout: int | None = None
     release_speed: int | None = None
     seed: int | None = None  # the source holds seeded_bytes(seed) instead of ORIGINAL
+    unmap: bool = False  # every node passes discards down (Topology.unmap)
 
     @property
     def policy(self) -> str:
@@ -114,7 +115,8 @@ class ScenarioSpec:
 
     def topology(self, images: Images) -> Topology:
         return Topology(self.layout, images.folder, on_cbw_error=self.on_cbw_error,
-                        cbw_timeout=self.cbw_timeout, fault=self.fault, job=JOB)
+                        cbw_timeout=self.cbw_timeout, fault=self.fault, job=JOB,
+                        unmap=self.unmap)
 
     def backup_args(self, topology: Topology) -> dict[str, Any] | None:
         brake = {"speed": 1, "max_chunk": CHUNK} if self.braked else {}
