@@ -161,6 +161,8 @@ CAPABILITIES: dict[str, Capability] = {c.name: c for c in [
     _cap("blockdev-backup.auto-finalize",
          "blockdev-backup accepts auto-finalize and auto-dismiss (job-finalize, job-dismiss)",
          lambda b: {"auto-finalize", "auto-dismiss"} <= b.schema.command_args("blockdev-backup")),
+    _cap("blockdev-backup.bitmap-mode", "blockdev-backup accepts bitmap and bitmap-mode",
+         lambda b: {"bitmap", "bitmap-mode"} <= b.schema.command_args("blockdev-backup")),
     _cap("transaction.completion-mode",
          "transaction accepts properties (completion-mode grouped)",
          lambda b: "properties" in b.schema.command_args("transaction")),
