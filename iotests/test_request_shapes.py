@@ -8,8 +8,9 @@ of its own) before a request changes any byte of them, once: a cluster already
 copied is never copied again, so the target keeps the point-in-time data.
 
 Each case runs a short list of guest requests (writes of every shape, write-zeroes
-with and without unmap) under each ``on-cbw-error`` value, without a fault and with a
-one-shot fault on the copy of the cluster at 1 MiB (every shape touches it), and
+with and without unmap, discard; every node has discard=unmap) under each
+``on-cbw-error`` value, without a fault and with a one-shot fault on the copy's write
+of the cluster at 1 MiB to the target (every shape touches that cluster), and
 checks against a model of the documented behaviour (:class:`PointInTime`):
 
 * each request's result: under break-guest-write (and omitted) exactly the request
@@ -51,9 +52,10 @@ OTHER = 0x3C  # a second guest pattern, for a rewrite
 FAULT_CLUSTER = GUEST_WRITES[0] // CLUSTER  # a one-shot Fault's rule names the sector at 1 MiB
 
 VALUES = pytest.mark.parametrize("on_cbw_error", ON_CBW_ERROR_VALUES, ids=value_id)
-FAULTS = pytest.mark.parametrize("fault", [
-    NO_FAULT, Fault("target-write", once=True), Fault("source-read", once=True)],
-    ids=lambda f: f.name)
+# One fault site: the copy's read of the source fails the same way (test_fleecing.py
+# covers both sites), and make check has a time budget.
+FAULTS = pytest.mark.parametrize("fault", [NO_FAULT, Fault("target-write", once=True)],
+                                 ids=lambda f: f.name)
 
 
 @dataclass(frozen=True)
