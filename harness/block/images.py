@@ -13,6 +13,7 @@ reads are not recorded.
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -29,6 +30,12 @@ RECIPE = "images.jsonl"
 _BLOCK = 1 << 20  # bytes read or written at a time
 _SIZE = re.compile(r"^(\d+)([kKMGT]?)$")
 _UNITS = {"": 1, "k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def seeded_bytes(seed: int, length: int) -> bytes:
+    """Pseudo-random data, the same for a seed on every run: contents in which a byte read
+    from the wrong offset shows (``replay.py`` remakes it the same way)."""
+    return random.Random(seed).randbytes(length)
 
 
 class ImageError(HarnessError):
@@ -123,6 +130,29 @@ class Images:
                                  f"{result.error}")
         self._record("fill", path=self._name(path), offset=start, length=nbytes,
                      pattern=pattern)
+
+    def fill_seeded(self, path: Path, seed: int, offset: int, length: int) -> bytes:
+        """Fill a raw image's range with :func:`seeded_bytes`; returns them."""
+        data = seeded_bytes(seed, length)
+        try:
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+        except OSError as exc:
+            raise ImageError(f"writing seeded data to {Path(path).name} failed: "
+                             f"{exc.strerror}") from None
+        self._record("fill-seeded", path=self._name(path), offset=offset, length=length,
+                     seed=seed)
+        return data
+
+    def read_raw(self, path: Path, offset: int = 0, length: int | None = None) -> bytes:
+        """A raw image's bytes (the whole image without ``length``)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except OSError as exc:
+            raise ImageError(f"reading {Path(path).name} failed: {exc.strerror}") from None
 
     def copy(self, source: Path, dest: Path) -> Path:
         """A byte-for-byte copy of an image file (e.g. a point-in-time reference)."""

@@ -63,7 +63,9 @@ class Topology:
     ``prefix`` starts every node-name and image name (a guest's disks each have their
     own graph).  ``fault``: blkdebug under the source and target with its rules; None
     for no blkdebug at all.  ``throttle_bps``: the copy-before-write's target is a
-    throttle node of group :data:`THROTTLE_GROUP` limited to this write rate.
+    throttle node of group :data:`THROTTLE_GROUP` limited to this write rate.  ``unmap``:
+    every node passes discards down (``discard: unmap``); by default QEMU drops a discard
+    at the first node, before the copy-before-write filter sees it.
     """
 
     layout: Layout
@@ -74,6 +76,7 @@ class Topology:
     throttle_bps: int | None = None
     prefix: str = ""
     job: str = "job0"
+    unmap: bool = False
 
     # ------------------------------------------------------------ names
     def node(self, role: str) -> str:
@@ -118,11 +121,15 @@ class Topology:
     # ------------------------------------------------------------ nodes
     def raw_node(self, role: str) -> dict[str, Any]:
         """A raw node on its image; over blkdebug (source, target) when a fault is set."""
-        image = {"driver": "file", "filename": str(self.image(role))}
+        image = {"driver": "file", "filename": str(self.image(role)), **self._discard}
         if self.fault is not None and role in ("source", "target"):
-            return {"driver": "raw", "node-name": self.node(role),
+            return {"driver": "raw", "node-name": self.node(role), **self._discard,
                     "file": self.fault.blkdebug(role, self.node(f"{role}-debug"), image)}
-        return {"driver": "raw", "node-name": self.node(role), "file": image}
+        return {"driver": "raw", "node-name": self.node(role), **self._discard, "file": image}
+
+    @property
+    def _discard(self) -> dict[str, str]:
+        return {"discard": "unmap"} if self.unmap else {}
 
     def image_nodes(self) -> list[dict[str, Any]]:
         return [self.raw_node(role) for role in self.image_roles]
@@ -137,7 +144,7 @@ class Topology:
         """The copy-before-write node (fleecing layouts), ``extra`` options added."""
         target = self.node("throttled-target" if self.throttle_bps else "target")
         opts: dict[str, Any] = {"driver": "copy-before-write", "node-name": self.node("cbw"),
-                                "file": self.node("source"), "target": target}
+                                "file": self.node("source"), "target": target, **self._discard}
         if self.on_cbw_error is not None:
             opts["on-cbw-error"] = self.on_cbw_error
         if self.cbw_timeout is not None:
@@ -157,7 +164,7 @@ class Topology:
                           "throttle-group": self.group, "file": self.node("target")})
         return [*nodes, self.cbw_node(),
                 {"driver": "snapshot-access", "node-name": self.snapshot_node,
-                 "file": self.node("cbw")}]
+                 "file": self.node("cbw"), **self._discard}]
 
     def backup_args(self, *, on_source_error: str | None = None,
                     on_target_error: str | None = None, speed: int | None = None,

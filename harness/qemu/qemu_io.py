@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from .replay import qemu_io_error  # one parser; replay.py stays standard-library only
 
 _PATTERN_FAILED = re.compile(r"Pattern verification failed at offset (\d+)")
+# read -v: "00100000:  aa 55 ...  .U..": the offset, then up to 16 bytes in hex.
+_DUMP_LINE = re.compile(r"^([0-9a-f]{8,}):  ((?:[0-9a-f]{2} ){1,16})", re.M)
 _READ_DONE = re.compile(r"^read \d+/\d+ bytes at offset (\d+)$", re.M)
 
 
@@ -41,3 +43,13 @@ class QemuIoResult:
         if done != wanted:
             return None
         return {o: o not in failed for o in sorted(wanted)}
+
+    def dumped(self, offset: int, length: int) -> bytes | None:
+        """The bytes a ``read -v offset length`` dumped; None if the dump is not exactly
+        that range (the read failed, or its output was cut)."""
+        data = bytearray()
+        for m in _DUMP_LINE.finditer(self.output):
+            if int(m.group(1), 16) != offset + len(data):
+                return None
+            data += bytes.fromhex(m.group(2))
+        return bytes(data) if len(data) == length else None

@@ -295,8 +295,14 @@ class ReportsOldVersion(Rule):
     def reply(self, relay: Relay, command: Message, reply: Message) -> Message | None:
         if command.get("execute") == "query-version" and "return" in reply:
             return {**reply, "return": {"qemu": {"major": 7, "minor": 2, "micro": 22},
-                                        "package": "cbw-proxy: a 7.2 with cbw-timeout fixed"}}
+                                        "package": f"cbw-proxy: a 7.2 with {self.name} fixed"}}
         return reply
+
+
+class SnapshotReadsAsFixed(ReportsOldVersion):
+    """The build says it is 7.2.22: its snapshot reads are the real (later) build's."""
+
+    name = "snapshot-read-leaving-copied-cluster"
 
 
 _SWAP = {"break-guest-write": "break-snapshot", "break-snapshot": "break-guest-write"}
@@ -325,7 +331,7 @@ class SwapsOnCbwError(Rule):
 
 RULES: dict[str, Callable[[], Rule]] = {r.name: r for r in (
     SyncFullBrokenSnapshotFails, SyncNoneBrokenSnapshotFails, IgnoringJobYields,
-    ReportsOldVersion, SwapsOnCbwError)}
+    ReportsOldVersion, SnapshotReadsAsFixed, SwapsOnCbwError)}
 
 
 def rewrite_args(rules: list[str], args: list[str]) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import select
 import shlex
@@ -133,6 +134,10 @@ def make_images(case: dict[str, Any], here: Path, folder: Path, qemu_img: str | 
             with open(path, "r+b") as f:
                 f.seek(op["offset"])
                 f.write(bytes([op["pattern"]]) * op["length"])
+        elif op["op"] == "fill-seeded":  # Images.fill_seeded (raw only)
+            with open(path, "r+b") as f:
+                f.seek(op["offset"])
+                f.write(random.Random(op["seed"]).randbytes(op["length"]))
         elif op["op"] == "fill":
             qemu_io = str(Path(qemu_img or "qemu-img").with_name("qemu-io"))
             tool(qemu_io, "qemu-io", ["-f", formats[op["path"]], "-c",

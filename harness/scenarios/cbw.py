@@ -82,7 +82,9 @@ class ScenarioSpec:
     """What one scenario runs: a layout, an ``on-cbw-error`` value, a fault, a job policy.
 
     ``release_speed``: the job's speed once the guest has written (None: full speed,
-    or :data:`CRUISE_SPEED` for a job that ignores errors).
+    or :data:`CRUISE_SPEED` for a job that ignores errors).  ``seed``: fill the source
+    with pseudo-random data (:func:`~harness.block.images.seeded_bytes`), in which a
+    read at a wrong offset shows, instead of the uniform :data:`ORIGINAL`.
     """
 
     layout: Layout
@@ -92,6 +94,8 @@ class ScenarioSpec:
     on_target_error: str | None = None
     cbw_timeout: int | None = None
     release_speed: int | None = None
+    seed: int | None = None  # the source holds seeded_bytes(seed) instead of ORIGINAL
+    unmap: bool = False  # every node passes discards down (Topology.unmap)
 
     @property
     def policy(self) -> str:
@@ -111,7 +115,8 @@ class ScenarioSpec:
 
     def topology(self, images: Images) -> Topology:
         return Topology(self.layout, images.folder, on_cbw_error=self.on_cbw_error,
-                        cbw_timeout=self.cbw_timeout, fault=self.fault, job=JOB)
+                        cbw_timeout=self.cbw_timeout, fault=self.fault, job=JOB,
+                        unmap=self.unmap)
 
     def backup_args(self, topology: Topology) -> dict[str, Any] | None:
         brake = {"speed": 1, "max_chunk": CHUNK} if self.braked else {}
@@ -366,7 +371,10 @@ class Scenario:
     # ------------------------------------------------------------- set-up
     def _make_images(self) -> None:
         source = self.images.create(self.topology.image("source").name, IMAGE_SIZE, "raw")
-        self.images.write(source, ORIGINAL, 0, IMAGE_SIZE, "raw")
+        if self.spec.seed is None:
+            self.images.write(source, ORIGINAL, 0, IMAGE_SIZE, "raw")
+        else:
+            self.images.fill_seeded(source, self.spec.seed, 0, IMAGE_SIZE)
         self.images.copy(source, self.original)  # the point-in-time reference
         for role in self.topology.image_roles[1:]:
             self.images.create(self.topology.image(role).name, IMAGE_SIZE, "raw")
@@ -406,15 +414,33 @@ class Scenario:
 
     def guest_write(self, offset: int, length: int = CHUNK, pattern: int = NEW) -> QemuIoResult:
         """A write as the guest's: through the disk, or the copy-before-write node."""
-        assert self.vm is not None
-        command = f"write -P {pattern:#x} {offset} {length}"
-        if self.topology.writes_through_device:
-            result = self.vm.qemu_io(DEVICE, command, device=True)
-        else:
-            result = self.vm.qemu_io(self.topology.write_node, command, device=False)
+        result = self._as_guest(f"write -P {pattern:#x} {offset} {length}")
         self.transcript.log(f"guest write {pattern:#x} at {offset}+{length}: {result.output}")
         self.obs.guest_writes[offset] = result
         return result
+
+    def guest_request(self, command: str) -> QemuIoResult:
+        """Any qemu-io request as the guest's (``write -z``, ``discard``...), logged."""
+        result = self._as_guest(command)
+        self.transcript.log(f"guest {command}: {result.output}")
+        return result
+
+    def _as_guest(self, command: str) -> QemuIoResult:
+        assert self.vm is not None
+        if self.topology.writes_through_device:
+            return self.vm.qemu_io(DEVICE, command, device=True)
+        return self.vm.qemu_io(self.topology.write_node, command, device=False)
+
+    def read_snapshot_data(self, offset: int, length: int) -> tuple[QemuIoResult, bytes | None]:
+        """Read the snapshot-access node (``read -v``): the result, and the bytes read
+        (None if the read failed).  The dump is not logged: only its verdict is."""
+        assert self.vm is not None
+        result = self.vm.qemu_io(self.topology.snapshot_node, f"read -v {offset} {length}",
+                                 device=False)
+        data = result.dumped(offset, length)
+        self.transcript.log(f"snapshot read at {offset}+{length}: "
+                            f"{result.error or ('read' if data is not None else result.output)}")
+        return result, data
 
     def guest_writes(self) -> None:
         for offset in GUEST_WRITES:

@@ -91,6 +91,18 @@ DEPARTURES: tuple[Departure, ...] = (
                  "4.23 s), so a copy well within the timeout fails with 'Connection timed out'",
         seen_on=("7.2.22",),
         fixed_in=(9, 1)),
+    Departure(
+        name="snapshot-read-leaving-copied-cluster",
+        title="a snapshot-access read that starts in a copied cluster and goes on into one "
+              "not copied",
+        documented="the snapshot-access driver (QAPI BlockdevDriver, since 7.0) on a "
+                   "copy-before-write filter is the fleecing scheme's reader: it sees the "
+                   "filter's disk as it was when the filter was added (paraphrased)",
+        observed="reads the whole request from the source, not the copied part from the "
+                 "target: the reader gets the guest's new data for the copied cluster "
+                 "(reads that end inside the copied cluster are right)",
+        seen_on=("7.2.22",),
+        fixed_in=(10, 0)),
 )
 
 _BY_NAME = {d.name: d for d in DEPARTURES}

@@ -50,6 +50,12 @@ FLIPS = (
     Flip("cbw-timeout-wraps",
          ("iotests/test_cbw_timeout.py::test_timeout_boundary[omitted-10s]",), (),
          real_release="7.2"),
+    Flip("snapshot-read-leaving-copied-cluster",
+         ("iotests/test_request_shapes.py::test_snapshot_read_leaving_a_copied_cluster"
+          "[omitted-unaligned-spanning-copied-and-not]",),
+         ("iotests/test_request_shapes.py::test_snapshot_read_shape"
+          "[omitted-no-fault-unaligned-from-uncopied-into-copied]",),
+         real_release="7.2"),
 )
 
 
