@@ -38,8 +38,33 @@ SECTORS_PER_CLUSTER = CLUSTER // SECTOR
 LAYOUT = "fleecing"
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a sequence, enough to run it again: ``write`` (of ``pattern``) or
+    ``read`` (expecting ``pattern``; None: expecting an error)."""
+
+    kind: str
+    offset: int
+    length: int
+    pattern: int | None
+
+    def describe(self) -> str:
+        if self.kind == "write":
+            return f"guest write {self.pattern:#x} at {self.offset}+{self.length}"
+        return f"snapshot read at {self.offset}+{self.length}"
+
+
 class Disagreement(AssertionError):
-    """QEMU did not do what the model says it must."""
+    """QEMU did not do what the model says it must, in this setting after these steps."""
+
+    def __init__(self, message: str, on_cbw_error: str | None, fault: FaultPlan,
+                 steps: list[Step]):
+        lines = [describe(on_cbw_error, fault), *(s.describe() for s in steps)]
+        super().__init__(f"{message}\nsequence:\n  " + "\n  ".join(lines))
+        self.problem = message
+        self.on_cbw_error = on_cbw_error
+        self.fault = fault
+        self.steps = list(steps)
 
 
 @dataclass
@@ -93,7 +118,7 @@ class FleecingExplorer(RuleBasedStateMachine):
         super().__init__()
         self.rig: FleecingRig | None = None
         self.model: FleecingModel | None = None
-        self.steps: list[str] = []
+        self.steps: list[Step] = []
         self.departed = False  # met a known departure: the model no longer applies
         self.writes = 0
 
@@ -102,7 +127,6 @@ class FleecingExplorer(RuleBasedStateMachine):
     def build_graph(self, on_cbw_error: str | None, fault: FaultPlan) -> None:
         self.tally.examples += 1
         self.model = FleecingModel(on_cbw_error, fault)
-        self.steps.append(describe(on_cbw_error, fault))
         self.rig = self.session.new_rig(on_cbw_error, fault)
 
     def teardown(self) -> None:
@@ -110,7 +134,11 @@ class FleecingExplorer(RuleBasedStateMachine):
             self.rig.close()
 
     # ---------------------------------------------------------------- steps
-    def _check(self, step: str, expected: Expected, error: str | None,
+    def _disagree(self, problem: str) -> Disagreement:
+        assert self.model is not None
+        return Disagreement(problem, self.model.on_cbw_error, self.model.fault, self.steps)
+
+    def _check(self, step: Step, expected: Expected, error: str | None,
                data_ok: bool | None = None) -> None:
         self.steps.append(step)
         self.tally.steps += 1
@@ -129,9 +157,9 @@ class FleecingExplorer(RuleBasedStateMachine):
         known = known_departure(LAYOUT, self.model.on_cbw_error, self.model.fault)
         if known is not None:
             self.departed = True
-            self.tally.known.append(KnownMet(known, step))
+            self.tally.known.append(KnownMet(known, step.describe()))
             return
-        raise Disagreement(f"{step}: {problem}\nsequence:\n  " + "\n  ".join(self.steps))
+        raise self._disagree(f"{step.describe()}: {problem}")
 
     @precondition(lambda self: self.rig is not None)
     @rule(where=ranges())
@@ -142,7 +170,7 @@ class FleecingExplorer(RuleBasedStateMachine):
         pattern = 0x80 + self.writes  # a new byte per write: stale data shows
         expected = self.model.guest_write(offset, length, pattern)
         result = self.rig.guest_write(offset, length, pattern)
-        self._check(f"guest write {pattern:#x} at {offset}+{length}", expected, result.error)
+        self._check(Step("write", offset, length, pattern), expected, result.error)
 
     @precondition(lambda self: self.rig is not None)
     @rule(where=ranges())
@@ -155,7 +183,7 @@ class FleecingExplorer(RuleBasedStateMachine):
         verdict = result.pattern_reads([offset])
         error = None if verdict is not None else result.error
         data_ok = None if verdict is None else verdict[offset]
-        self._check(f"snapshot read at {offset}+{length}", expected, error, data_ok)
+        self._check(Step("read", offset, length, expected.pattern), expected, error, data_ok)
 
     # ----------------------------------------------------------- invariants
     @invariant()
@@ -172,9 +200,8 @@ class FleecingExplorer(RuleBasedStateMachine):
         actual = self.rig.source_bytes()
         if actual != bytes(self.model.source):
             first = next(i for i, (a, b) in enumerate(zip(actual, self.model.source)) if a != b)
-            raise Disagreement(
+            raise self._disagree(
                 f"source image differs from the documented data at byte {first} "
-                f"(documented {self.model.source[first]:#x}, observed {actual[first]:#x})"
-                f"\nsequence:\n  " + "\n  ".join(self.steps))
+                f"(documented {self.model.source[first]:#x}, observed {actual[first]:#x})")
 
 

@@ -14,11 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from ..block.blkdebug import BlkdebugRules, InjectError, blkdebug_node
+from ..block.images import Images
 from ..block.topology import Layout, Topology
 from ..qemu.builds import QemuBuild
 from ..qemu.machine import Machine
 from ..qemu.qemu_io import QemuIoResult
-from .model import CLUSTER, IMAGE_SIZE, SECTOR, FaultPlan, original_image
+from .model import (
+    CLUSTER,
+    CLUSTERS,
+    IMAGE_SIZE,
+    SECTOR,
+    FaultPlan,
+    original_image,
+    original_pattern,
+)
 
 # Where each fault site puts its rule: (role, blkdebug event, iotype).
 _RULE_PLACES = {"source-read": ("source", "read_aio", "read"),
@@ -43,9 +52,11 @@ class ExploreSession:
         self.vm = Machine(build, self.workdir, name=name, machine_type="none").launch()
         self.examples = 0
 
-    def new_rig(self, on_cbw_error: str | None, fault: FaultPlan) -> FleecingRig:
+    def new_rig(self, on_cbw_error: str | None, fault: FaultPlan, *,
+                images_made: bool = False) -> FleecingRig:
         self.examples += 1
-        return FleecingRig(self.vm, self.workdir, f"x{self.examples}-", on_cbw_error, fault)
+        return FleecingRig(self.vm, example_topology(self.workdir, self.examples, on_cbw_error),
+                           fault, images_made=images_made)
 
     def node_names(self) -> list[str]:
         """Every named node QEMU holds now."""
@@ -55,20 +66,35 @@ class ExploreSession:
         self.vm.shutdown()
 
 
+def example_topology(folder: Path, number: int, on_cbw_error: str | None) -> Topology:
+    """The names of example ``number``'s nodes and images (blkdebug is added by the rig)."""
+    return Topology(Layout.FLEECING, folder, on_cbw_error=on_cbw_error, fault=None,
+                    prefix=f"x{number}-")
+
+
+def record_images(topology: Topology, images: Images) -> None:
+    """Make the example's images through :class:`Images`, which records them in
+    ``images.jsonl`` (for a reproducer: ``replay.py`` remakes them from it)."""
+    source = images.create(topology.image("source").name, IMAGE_SIZE, "raw")
+    for cluster in range(CLUSTERS):
+        images.write(source, original_pattern(cluster), cluster * CLUSTER, CLUSTER, "raw")
+    images.create(topology.image("target").name, IMAGE_SIZE, "raw")
+
+
 class FleecingRig:
     """One example's fleecing graph: raw source and target over blkdebug (the fault's
-    rule, or none), the copy-before-write node and snapshot-access on top."""
+    rule, or none), the copy-before-write node and snapshot-access on top.
+    ``images_made``: the images exist already (:func:`record_images`)."""
 
-    def __init__(self, vm: Machine, folder: Path, prefix: str, on_cbw_error: str | None,
-                 fault: FaultPlan):
+    def __init__(self, vm: Machine, topology: Topology, fault: FaultPlan, *,
+                 images_made: bool = False):
         self.vm = vm
-        self.topology = Topology(Layout.FLEECING, folder, on_cbw_error=on_cbw_error,
-                                 fault=None, prefix=prefix)
+        self.topology = topology
         self.added: list[str] = []
-        source, target = self.topology.image("source"), self.topology.image("target")
-        source.write_bytes(original_image())
-        with open(target, "wb") as f:
-            f.truncate(IMAGE_SIZE)
+        if not images_made:  # plain writes: an example is too short for the recorder
+            self.topology.image("source").write_bytes(original_image())
+            with open(self.topology.image("target"), "wb") as f:
+                f.truncate(IMAGE_SIZE)
         for role in ("source", "target"):
             image = {"driver": "file", "filename": str(self.topology.image(role))}
             self._add({"driver": "raw", "node-name": self.topology.node(role),
