@@ -58,10 +58,11 @@ class Report:
 
 
 def explorer_settings(max_examples: int, *, derandomize: bool,
-                      database: ExampleDatabase | None, reuse: bool = True) -> settings:
+                      database: ExampleDatabase | None, reuse: bool = True,
+                      steps: int = STEPS_PER_EXAMPLE) -> settings:
     phases = [p for p in Phase if reuse or p is not Phase.reuse]
     return settings(max_examples=max_examples, derandomize=derandomize, deadline=None,
-                    stateful_step_count=STEPS_PER_EXAMPLE, database=database, phases=phases,
+                    stateful_step_count=steps, database=database, phases=phases,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
                     print_blob=False)
 
