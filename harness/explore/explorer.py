@@ -1,10 +1,13 @@
 """The explorer: Hypothesis' stateful testing drives a real QEMU and the model side by side.
 
-Each example draws an ``on-cbw-error`` value and a fault plan, builds a fresh fleecing
-graph (:class:`~harness.explore.rig.FleecingRig`) in the session's QEMU, then runs a
-drawn sequence of guest writes and snapshot reads.  Every step is checked against
-:class:`~harness.explore.model.FleecingModel` at once; after every step the source
-image is compared with the model's byte for byte and QEMU must answer QMP.  A
+Each example draws a layout (fleecing, or backup sync=none with its filter), an
+``on-cbw-error`` value and a fault plan, builds a fresh graph
+(:class:`~harness.explore.rig.CbwRig`) in the session's QEMU, then runs a drawn
+sequence of guest writes, snapshot reads (fleecing), job status checks and a cancel
+(sync=none).  Every step is checked against :class:`~harness.explore.model.FleecingModel`
+at once; after every step the source image is compared with the model's byte for byte
+(and a sync=none target's copied clusters with the point-in-time data), and QEMU must
+answer QMP.  A
 disagreement raises :class:`Disagreement` (documented vs observed), which Hypothesis
 shrinks to the shortest sequence that shows it.
 
@@ -20,6 +23,7 @@ from typing import ClassVar
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from ..block.topology import Layout
 from .model import (
     CLUSTER,
     CLUSTERS,
@@ -30,12 +34,13 @@ from .model import (
     Expected,
     FaultPlan,
     FleecingModel,
+    job_may_run,
     known_departure,
+    original_pattern,
 )
-from .rig import ExploreSession, FleecingRig
+from .rig import LAYOUTS, CbwRig, ExploreSession
 
 SECTORS_PER_CLUSTER = CLUSTER // SECTOR
-LAYOUT = "fleecing"
 
 
 @dataclass(frozen=True)
@@ -51,17 +56,20 @@ class Step:
     def describe(self) -> str:
         if self.kind == "write":
             return f"guest write {self.pattern:#x} at {self.offset}+{self.length}"
-        return f"snapshot read at {self.offset}+{self.length}"
+        if self.kind == "read":
+            return f"snapshot read at {self.offset}+{self.length}"
+        return {"job-status": "query-jobs", "cancel": "block-job-cancel"}[self.kind]
 
 
 class Disagreement(AssertionError):
     """QEMU did not do what the model says it must, in this setting after these steps."""
 
-    def __init__(self, message: str, on_cbw_error: str | None, fault: FaultPlan,
-                 steps: list[Step]):
-        lines = [describe(on_cbw_error, fault), *(s.describe() for s in steps)]
+    def __init__(self, message: str, layout: Layout, on_cbw_error: str | None,
+                 fault: FaultPlan, steps: list[Step]):
+        lines = [describe(layout, on_cbw_error, fault), *(s.describe() for s in steps)]
         super().__init__(f"{message}\nsequence:\n  " + "\n  ".join(lines))
         self.problem = message
+        self.layout = layout
         self.on_cbw_error = on_cbw_error
         self.fault = fault
         self.steps = list(steps)
@@ -104,11 +112,11 @@ def ranges(draw: st.DrawFn) -> tuple[int, int]:
     return cluster * CLUSTER, CLUSTER
 
 
-def describe(on_cbw_error: str | None, fault: FaultPlan) -> str:
-    return f"{LAYOUT}, on-cbw-error={on_cbw_error or 'omitted'}, {fault.describe()}"
+def describe(layout: Layout, on_cbw_error: str | None, fault: FaultPlan) -> str:
+    return f"{layout.value}, on-cbw-error={on_cbw_error or 'omitted'}, {fault.describe()}"
 
 
-class FleecingExplorer(RuleBasedStateMachine):
+class CbwExplorer(RuleBasedStateMachine):
     """Set :attr:`session` (and :attr:`tally`) before running it."""
 
     session: ClassVar[ExploreSession]
@@ -116,18 +124,24 @@ class FleecingExplorer(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rig: FleecingRig | None = None
+        self.rig: CbwRig | None = None
         self.model: FleecingModel | None = None
         self.steps: list[Step] = []
         self.departed = False  # met a known departure: the model no longer applies
+        self.layout = Layout.FLEECING
         self.writes = 0
 
     # --------------------------------------------------------------- set-up
-    @initialize(on_cbw_error=st.sampled_from(ON_CBW_ERROR_VALUES), fault=fault_plans())
-    def build_graph(self, on_cbw_error: str | None, fault: FaultPlan) -> None:
+    @initialize(layout=st.sampled_from(LAYOUTS), fault=fault_plans(), data=st.data())
+    def build_graph(self, layout: Layout, fault: FaultPlan, data: st.DataObject) -> None:
+        values = ON_CBW_ERROR_VALUES
+        if layout.uses_backup_on_cbw_error and not self.session.backup_on_cbw_error:
+            values = (None,)  # before 10.1 blockdev-backup has no on-cbw-error
+        on_cbw_error = data.draw(st.sampled_from(values), label="on_cbw_error")
         self.tally.examples += 1
+        self.layout = layout
         self.model = FleecingModel(on_cbw_error, fault)
-        self.rig = self.session.new_rig(on_cbw_error, fault)
+        self.rig = self.session.new_rig(on_cbw_error, fault, layout=layout)
 
     def teardown(self) -> None:
         if self.rig is not None:
@@ -136,7 +150,18 @@ class FleecingExplorer(RuleBasedStateMachine):
     # ---------------------------------------------------------------- steps
     def _disagree(self, problem: str) -> Disagreement:
         assert self.model is not None
-        return Disagreement(problem, self.model.on_cbw_error, self.model.fault, self.steps)
+        return Disagreement(problem, self.layout, self.model.on_cbw_error, self.model.fault,
+                            self.steps)
+
+    def _departs(self, what: str, step: str, problem: str) -> None:
+        """A disagreement: a known departure is counted (and the model stops there),
+        anything else is raised."""
+        assert self.model is not None
+        known = known_departure(self.layout.value, self.model.on_cbw_error, what)
+        if known is None:
+            raise self._disagree(f"{step}: {problem}")
+        self.departed = True
+        self.tally.known.append(KnownMet(known, step))
 
     def _check(self, step: Step, expected: Expected, error: str | None,
                data_ok: bool | None = None) -> None:
@@ -152,14 +177,8 @@ class FleecingExplorer(RuleBasedStateMachine):
         elif data_ok is False:
             problem = (f"documented: the point-in-time data {expected.pattern:#x} "
                        f"({expected.why}); observed: other data")
-        if problem is None:
-            return
-        known = known_departure(LAYOUT, self.model.on_cbw_error, self.model.fault)
-        if known is not None:
-            self.departed = True
-            self.tally.known.append(KnownMet(known, step.describe()))
-            return
-        raise self._disagree(f"{step.describe()}: {problem}")
+        if problem is not None:
+            self._departs(step.kind, step.describe(), problem)
 
     @precondition(lambda self: self.rig is not None)
     @rule(where=ranges())
@@ -172,7 +191,7 @@ class FleecingExplorer(RuleBasedStateMachine):
         result = self.rig.guest_write(offset, length, pattern)
         self._check(Step("write", offset, length, pattern), expected, result.error)
 
-    @precondition(lambda self: self.rig is not None)
+    @precondition(lambda self: self.rig is not None and self.layout.has_snapshot)
     @rule(where=ranges())
     def snapshot_read(self, where: tuple[int, int]) -> None:
         assert self.rig is not None and self.model is not None
@@ -185,9 +204,58 @@ class FleecingExplorer(RuleBasedStateMachine):
         data_ok = None if verdict is None else verdict[offset]
         self._check(Step("read", offset, length, expected.pattern), expected, error, data_ok)
 
+    @precondition(lambda self: self.rig is not None and self.rig.job_running)
+    @rule()
+    def cancel(self) -> None:
+        """sync=none: a cancel ends the job, BLOCK_JOB_CANCELLED without error, unless its
+        snapshot broke (then it should have failed already)."""
+        assert self.rig is not None and self.model is not None
+        event, error = self.rig.cancel_job()
+        self.model.detached = True
+        self.steps.append(Step("cancel", 0, 0, None))
+        self.tally.steps += 1
+        if self.departed:
+            return
+        ended = f"{event}" + (f" ({error})" if error else "")
+        if job_may_run(self.model) and (event != "BLOCK_JOB_CANCELLED" or error):
+            raise self._disagree(f"block-job-cancel: documented: BLOCK_JOB_CANCELLED; "
+                                 f"observed: {ended}")
+        if not job_may_run(self.model) and event == "BLOCK_JOB_CANCELLED" and not error:
+            self._departs("job", "block-job-cancel", "documented: the job fails once the "
+                          "snapshot broke; observed: a cancel ends it like a good backup")
+
     # ----------------------------------------------------------- invariants
     # "QEMU never dies and always answers": every step is a QMP command, which raises
     # QEMUDied / QEMUUnresponsive (Machine's bounded waits) if it does not.
+    @invariant()
+    def job_runs_unless_the_snapshot_broke(self) -> None:
+        """sync=none: the job runs until cancelled, unless its snapshot broke."""
+        if self.rig is None or self.model is None or self.departed or \
+                not self.rig.job_running:
+            return
+        status = self.rig.job_status()
+        if job_may_run(self.model) and status != "running":
+            raise self._disagree(f"query-jobs: documented: running (nothing broke); "
+                                 f"observed: {status or 'gone'}")
+        if not job_may_run(self.model) and status == "running":
+            self._departs("job", "query-jobs", "documented: the job fails once the snapshot "
+                          "broke (break-snapshot); observed: still running")
+
+    @invariant()
+    def target_holds_the_copied_old_data(self) -> None:
+        """What the copy-before-write saved is the point-in-time data (sync=none: the
+        target is the backup; fleecing checks it through snapshot reads)."""
+        if self.rig is None or self.model is None or self.departed or \
+                self.layout.has_snapshot:
+            return
+        target = self.rig.image_bytes("target")
+        for cluster in sorted(self.model.copied):
+            if target[cluster * CLUSTER:(cluster + 1) * CLUSTER] != \
+                    bytes([original_pattern(cluster)]) * CLUSTER:
+                raise self._disagree(f"target cluster {cluster} does not hold the "
+                                     f"point-in-time data {original_pattern(cluster):#x}, "
+                                     f"though it was copied")
+
     @invariant()
     def source_holds_the_model_data(self) -> None:
         if self.rig is None or self.model is None or self.departed:

@@ -16,6 +16,7 @@ from typing import Any
 from ..block.blkdebug import BlkdebugRules, InjectError, blkdebug_node
 from ..block.images import Images
 from ..block.topology import Layout, Topology
+from ..qemu import probe
 from ..qemu.builds import QemuBuild
 from ..qemu.machine import Machine
 from ..qemu.qemu_io import QemuIoResult
@@ -44,19 +45,32 @@ def fault_rules(fault: FaultPlan, role: str) -> BlkdebugRules | None:
                                       once=fault.once)])
 
 
+_BACKUP_ON_CBW_ERROR: dict[str, bool] = {}
+
+
+def _backup_on_cbw_error(build: QemuBuild) -> bool:
+    """Does the build's blockdev-backup take on-cbw-error?  (A probe starts a QEMU:
+    once per build and process.)"""
+    key = str(build.qemu_system)
+    if key not in _BACKUP_ON_CBW_ERROR:
+        _BACKUP_ON_CBW_ERROR[key] = probe.probe(build).has("blockdev-backup.on-cbw-error")
+    return _BACKUP_ON_CBW_ERROR[key]
+
+
 class ExploreSession:
     """One QEMU serving examples one after the other; ``close()`` ends it."""
 
     def __init__(self, build: QemuBuild, workdir: Path, *, name: str = "explore"):
         self.workdir = Path(workdir)
+        self.backup_on_cbw_error = _backup_on_cbw_error(build)
         self.vm = Machine(build, self.workdir, name=name, machine_type="none").launch()
         self.examples = 0
 
     def new_rig(self, on_cbw_error: str | None, fault: FaultPlan, *,
-                images_made: bool = False) -> FleecingRig:
+                layout: Layout = Layout.FLEECING) -> CbwRig:
         self.examples += 1
-        return FleecingRig(self.vm, example_topology(self.workdir, self.examples, on_cbw_error),
-                           fault, images_made=images_made)
+        return CbwRig(self.vm, example_topology(self.workdir, self.examples, on_cbw_error,
+                                                layout), fault)
 
     def node_names(self) -> list[str]:
         """Every named node QEMU holds now."""
@@ -66,10 +80,16 @@ class ExploreSession:
         self.vm.shutdown()
 
 
-def example_topology(folder: Path, number: int, on_cbw_error: str | None) -> Topology:
+LAYOUTS = (Layout.FLEECING, Layout.BACKUP_SYNC_NONE)
+
+
+def example_topology(folder: Path, number: int, on_cbw_error: str | None,
+                     layout: Layout = Layout.FLEECING) -> Topology:
     """The names of example ``number``'s nodes and images (blkdebug is added by the rig)."""
-    return Topology(Layout.FLEECING, folder, on_cbw_error=on_cbw_error, fault=None,
-                    prefix=f"x{number}-")
+    if layout not in LAYOUTS:
+        raise ValueError(f"the explorer does not draw {layout.value} yet")
+    return Topology(layout, folder, on_cbw_error=on_cbw_error, fault=None,
+                    prefix=f"x{number}-", job=f"x{number}-job")
 
 
 def record_images(topology: Topology, images: Images) -> None:
@@ -81,10 +101,12 @@ def record_images(topology: Topology, images: Images) -> None:
     images.create(topology.image("target").name, IMAGE_SIZE, "raw")
 
 
-class FleecingRig:
-    """One example's fleecing graph: raw source and target over blkdebug (the fault's
-    rule, or none), the copy-before-write node and snapshot-access on top.
-    ``images_made``: the images exist already (:func:`record_images`)."""
+class CbwRig:
+    """One example's graph: raw source and target over blkdebug (the fault's rule, or
+    none); fleecing: the copy-before-write node and snapshot-access on top;
+    backup-sync-none: a ``blockdev-backup sync=none`` job whose filter is the
+    copy-before-write node.  ``images_made``: the images exist already
+    (:func:`record_images`)."""
 
     def __init__(self, vm: Machine, topology: Topology, fault: FaultPlan, *,
                  images_made: bool = False):
@@ -102,26 +124,55 @@ class FleecingRig:
                                              fault_rules(fault, role))})
         for node in self.topology.filter_nodes():
             self._add(node)
+        self.job_running = False
+        backup = self.topology.backup_args()
+        if backup is not None:
+            self.vm.cmd("blockdev-backup", backup)
+            self.job_running = True
+
+    def job_status(self) -> str | None:
+        """The job's status (query-jobs); None once it is gone."""
+        return next((j["status"] for j in self.vm.cmd("query-jobs")
+                     if j["id"] == self.topology.job), None)
+
+    def cancel_job(self) -> tuple[str, str | None]:
+        """Cancel the job; (the event that ended it, its error).  Its filter goes with it."""
+        job = self.topology.job
+        self.vm.cmd("block-job-cancel", {"device": job, "force": True})
+        end = self.vm.wait_any_event([("BLOCK_JOB_CANCELLED", {"device": job}),
+                                      ("BLOCK_JOB_COMPLETED", {"device": job})])
+        self.vm.wait_job_status(job, "null")
+        self.job_running = False
+        return end["event"], end["data"].get("error")
 
     def _add(self, node: dict[str, Any]) -> None:
         self.vm.cmd("blockdev-add", node)
         self.added.append(node["node-name"])
 
     def guest_write(self, offset: int, length: int, pattern: int) -> QemuIoResult:
-        return self.vm.qemu_io(self.topology.write_node,
+        """Through the copy-before-write node; once a job took its filter away, to the
+        source."""
+        detached = self.topology.layout.has_job and not self.job_running
+        return self.vm.qemu_io(self.topology.node("source") if detached
+                               else self.topology.write_node,
                                f"write -P {pattern:#x} {offset} {length}", device=False)
 
     def snapshot_read(self, offset: int, length: int, pattern: int) -> QemuIoResult:
         return self.vm.qemu_io(self.topology.snapshot_node,
                                f"read -P {pattern:#x} {offset} {length}", device=False)
 
+    def image_bytes(self, role: str) -> bytes:
+        """The ``source`` or ``target`` image as it is on disk now (QEMU writes through
+        the page cache, which this read sees)."""
+        return self.topology.image(role).read_bytes()
+
     def source_bytes(self) -> bytes:
-        """The source image as it is on disk now (QEMU writes through the page cache,
-        which this read sees)."""
-        return self.topology.image("source").read_bytes()
+        return self.image_bytes("source")
 
     def close(self) -> None:
-        """Remove the example's nodes (top down) and images."""
+        """End the job, remove the example's nodes (top down) and images."""
+        if self.job_running:
+            self.cancel_job()
         while self.added:
             self.vm.cmd("blockdev-del", {"node-name": self.added.pop()})
         for role in ("source", "target"):

@@ -28,8 +28,8 @@ from ..errors import HarnessError
 from ..qemu.builds import QemuBuild
 from ..qemu.machine import Machine
 from ..qemu.reproducer import write_replay
-from .explorer import Disagreement, FleecingExplorer, Tally
-from .rig import ExploreSession, FleecingRig, example_topology, record_images
+from .explorer import CbwExplorer, Disagreement, Tally
+from .rig import CbwRig, ExploreSession, example_topology, record_images
 
 STEPS_PER_EXAMPLE = 10
 BATCH = 50
@@ -70,29 +70,33 @@ def explorer_settings(max_examples: int, *, derandomize: bool,
 def run_examples(session: ExploreSession, hyp_settings: settings, tally: Tally) -> None:
     """One Hypothesis run of the explorer on ``session``'s QEMU; raises what it finds
     (shrunk): :class:`Disagreement`, or the harness's error if QEMU died or hung."""
-    FleecingExplorer.session = session
-    FleecingExplorer.tally = tally
-    run_state_machine_as_test(FleecingExplorer, settings=hyp_settings)
+    CbwExplorer.session = session
+    CbwExplorer.tally = tally
+    run_state_machine_as_test(CbwExplorer, settings=hyp_settings)
 
 
 def write_reproducer(build: QemuBuild, folder: Path, found: Disagreement) -> Path:
     """Run ``found``'s sequence once more on a fresh QEMU in ``folder``, recorded, and
     write it as a ``replay.py`` case; returns the case file."""
     folder.mkdir(parents=True, exist_ok=True)
-    topology = example_topology(folder, 1, found.on_cbw_error)
+    topology = example_topology(folder, 1, found.on_cbw_error, found.layout)
     record_images(topology, Images(build, folder))
     summary = (f"explorer finding: {found.problem}\n"
                f"setting and steps:\n  " + str(found).split("sequence:\n  ", 1)[1])
     (folder / "SUMMARY.txt").write_text(summary + "\n\nreplay: python3 replay.py "
                                         "/path/to/qemu-system-x86_64\n")
     with Machine(build, folder, name="finding", machine_type="none") as vm:
-        rig = FleecingRig(vm, topology, found.fault, images_made=True)
+        rig = CbwRig(vm, topology, found.fault, images_made=True)
         for step in found.steps:
             if step.kind == "write":
                 assert step.pattern is not None
                 rig.guest_write(step.offset, step.length, step.pattern)
-            else:
+            elif step.kind == "read":
                 rig.snapshot_read(step.offset, step.length, step.pattern or 0)
+            else:
+                rig.cancel_job()
+            if rig.job_running:  # as the explorer's invariant asks after every step
+                rig.job_status()
         vm.shutdown()
     written = write_replay(folder, "explorer finding", summary)
     if not written:
