@@ -2,7 +2,7 @@
 
 :func:`run_examples` is one Hypothesis run (a fixed, derandomised budget for the
 self-tests).  :func:`explore` runs batches until the time budget is spent, one QEMU
-serving them all (a new one after a finding, in case QEMU was its victim), prints a
+per batch serving its examples (its folder is kept only if it found something), prints a
 progress line per batch, and writes each finding as a standalone reproducer
 (:func:`write_reproducer`): a ``replay.py`` case of the shrunk sequence, recorded on a
 fresh QEMU, with a summary of the sequence and of documented vs observed.
@@ -13,6 +13,7 @@ tries them first.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -112,33 +113,36 @@ def explore(build: QemuBuild, workdir: Path, *, budget: float,
     tally = Tally()
     start = time.monotonic()
     seen: set[str] = set()
-    session = ExploreSession(build, workdir / "session")
-    reuse = True  # the first batch replays the database's examples first
-    try:
-        while time.monotonic() - start < budget:
-            hyp = explorer_settings(BATCH, derandomize=False, database=database, reuse=reuse)
-            reuse = False
-            try:
-                run_examples(session, hyp, tally)
-            except (Disagreement, HarnessError) as exc:
-                found: list[Exception] = [exc]
-                try:  # a new QEMU after a finding, in case this one was its victim
-                    session.close()
-                except HarnessError as end:  # QEMU did not end cleanly: a finding too
-                    found.append(end)
-                session = ExploreSession(build, workdir / f"session{len(seen) + 1}")
-                for problem in found:
-                    message = str(problem)
-                    if message not in seen:
-                        seen.add(message)
-                        report.findings.append(_record(build, workdir, problem, len(seen)))
-                        progress(f"finding {len(seen)}: {message.splitlines()[0]}")
-            elapsed = time.monotonic() - start
-            progress(f"[{elapsed:5.0f}s] {tally.examples} examples, {tally.steps} steps, "
-                     f"{tally.examples / elapsed:.1f} examples/s, "
-                     f"{len(report.findings)} findings, {len(tally.known)} known departures met")
-    finally:
-        session.close()
+    batch = 0
+    while time.monotonic() - start < budget:
+        # A new QEMU per batch: its event list and log stay small, and a QEMU that a
+        # finding hurt serves no later example.
+        batch += 1
+        folder = workdir / f"batch-{batch}"
+        session = ExploreSession(build, folder)
+        hyp = explorer_settings(BATCH, derandomize=False, database=database,
+                                reuse=batch == 1)  # the first replays the database
+        found: list[Exception] = []
+        try:
+            run_examples(session, hyp, tally)
+        except (Disagreement, HarnessError) as exc:
+            found.append(exc)
+        try:
+            session.close()
+        except HarnessError as end:  # QEMU did not end cleanly: a finding too
+            found.append(end)
+        for problem in found:
+            message = str(problem)
+            if message not in seen:
+                seen.add(message)
+                report.findings.append(_record(build, workdir, problem, len(seen)))
+                progress(f"finding {len(seen)}: {message.splitlines()[0]}")
+        if not found:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing to look at
+        elapsed = time.monotonic() - start
+        progress(f"[{elapsed:5.0f}s] {tally.examples} examples, {tally.steps} steps, "
+                 f"{tally.examples / elapsed:.1f} examples/s, "
+                 f"{len(report.findings)} findings, {len(tally.known)} known departures met")
     report.examples, report.steps = tally.examples, tally.steps
     report.seconds = time.monotonic() - start
     report.known = Counter(k.departure for k in tally.known)
