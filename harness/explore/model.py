@@ -1,8 +1,9 @@
 """The documented copy-before-write semantics, as an oracle the explorer checks QEMU against.
 
-One fleecing layout (a ``copy-before-write`` node over ``source`` with ``target``, a
-``snapshot-access`` node on top), one blkdebug fault plan, and the steps a user takes:
-guest writes on the copy-before-write node and reads of the snapshot.  For each step
+A copy-before-write node over ``source`` with ``target`` (fleecing: added by the user,
+a ``snapshot-access`` node on top; or the filter of a ``blockdev-backup sync=none``
+job), one blkdebug fault plan, and the steps a user takes: guest writes on the
+copy-before-write node, reads of the snapshot, the job's cancel.  For each step
 the model says what QEMU must answer (success, or which error) and what the data must
 be afterwards.  It is written from the documentation (QAPI ``OnCbwError``), not from
 QEMU's code:
