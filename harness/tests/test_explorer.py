@@ -13,7 +13,7 @@ import pytest
 from harness.explore.explorer import Disagreement, Tally
 from harness.explore.model import CLUSTER, FaultPlan, FleecingModel, original_pattern
 from harness.explore.rig import ExploreSession
-from harness.explore.run import explorer_settings, run_examples
+from harness.explore.run import explorer_settings, run_examples, write_reproducer
 from harness.qemu import builds
 from harness.simulate import make_build
 
@@ -70,7 +70,7 @@ def test_examples_share_a_qemu_but_nothing_else(session, workdir):
 
 def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     """A build whose QMP proxy swaps the on-cbw-error values: the explorer must find
-    it and shrink it to one or two steps.  Sequences of at most 3 steps: shrinking
+    it and shrink it to one or two steps.  Sequences of at most 2 steps: shrinking
     reruns a few hundred examples, each slower through the proxy."""
     swapped = make_build(workdir / "swapped", qemu_build, ["regression-swap-on-cbw-error"])
     build = builds.select(qemu_build=str(swapped))
@@ -78,7 +78,7 @@ def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     try:
         with pytest.raises(Disagreement) as found:
             run_examples(session, explorer_settings(100, derandomize=True, database=None,
-                                                    steps=3), Tally())
+                                                    steps=2), Tally())
     finally:
         session.close()
     shrunk = found.value
@@ -86,6 +86,15 @@ def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     assert shrunk.fault.site is not None, str(shrunk)
     assert 1 <= len(shrunk.steps) <= 2, str(shrunk)
     assert "documented:" in str(shrunk) and "observed:" in str(shrunk)
+
+    # Its reproducer, standalone: exit 1 where it shows (the swapped build), 0 where not.
+    case = write_reproducer(build, workdir / "finding", shrunk)
+    assert shrunk.problem in (case.parent / "SUMMARY.txt").read_text()
+    for qemu, status in ((build.qemu_system, 1), (qemu_build.qemu_system, 0)):
+        replayed = subprocess.run([sys.executable, str(case.parent / "replay.py"), str(qemu),
+                                   "--case", case.name], capture_output=True, text=True,
+                                  timeout=120, cwd=case.parent)
+        assert replayed.returncode == status, replayed.stdout + replayed.stderr
 
 
 def test_command_line_rejects_a_bad_budget():
