@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 QEMU_RELEASE ?= $(or $(CBW_QEMU_RELEASE),11.1)
 export CBW_QEMU_RELEASE := $(QEMU_RELEASE)
 
-.PHONY: run check lint setup provision bench clean matrix ci-tools
+.PHONY: run check lint setup provision bench clean matrix ci-tools explore
 
 # pytest's exit 5 (no test collected, e.g. a -k that matches nothing) fails too, saying so.
 NO_TESTS_HINT := || { s=$$?; [ $$s != 5 ] || echo "no test was selected (pytest exit 5): check PYTEST_ARGS" >&2; exit $$s; }
@@ -19,6 +19,12 @@ run: provision
 
 check: provision lint
 	$(PY) -m pytest harness/tests iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
+
+# The scenario explorer (harness/explore) for a time budget against the build PYTEST_ARGS
+# names (--qemu-build DIR, --qemu-release R, --qemu-prog P), else QEMU_RELEASE.
+BUDGET ?= 600s
+explore: provision
+	$(PY) -m harness.explore --budget $(BUDGET) $(or $(PYTEST_ARGS),--qemu-release $(QEMU_RELEASE))
 
 # Static checks, pinned in pyproject.toml (dev extra).
 lint: setup

@@ -1,0 +1,1 @@
+"""A property-based scenario explorer: Hypothesis stateful testing against real QEMU."""
