@@ -3,12 +3,12 @@
 Each example draws a layout (fleecing, or backup sync=none with its filter), an
 ``on-cbw-error`` value and a fault plan, builds a fresh graph
 (:class:`~harness.explore.rig.CbwRig`) in the session's QEMU, then runs a drawn
-sequence of guest writes, snapshot reads (fleecing) and a cancel (sync=none).  Every step is checked against :class:`~harness.explore.model.FleecingModel`
-at once; after every step the source image is compared with the model's byte for byte
-(a sync=none target's copied clusters with the point-in-time data, and its job's
-status), and QEMU must answer QMP.  A
-disagreement raises :class:`Disagreement` (documented vs observed), which Hypothesis
-shrinks to the shortest sequence that shows it.
+sequence of guest writes, snapshot reads (fleecing) and a cancel (sync=none).  Every
+step is checked against :class:`~harness.explore.model.FleecingModel` at once; after
+every step the source image is compared with the model's byte for byte (a sync=none
+target's copied clusters with the point-in-time data, and its job's status), and QEMU
+must answer QMP.  A disagreement raises :class:`Disagreement` (documented vs
+observed), which Hypothesis shrinks to the shortest sequence that shows it.
 
 Offsets and lengths are drawn as cluster numbers and sector counts: small values that
 shrink to short, readable steps (a whole cluster, now and then a sector-aligned part).
