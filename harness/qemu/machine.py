@@ -93,12 +93,27 @@ def _copy_sparse(src: Path, dest: Path) -> None:
             pos = end
 
 
-async def _cancelled(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task`` and let it finish; what it raised no longer matters (but a
-    KeyboardInterrupt still does)."""
+async def _cancelled(task: asyncio.Future[Any], grace: float = 1.0) -> None:
+    """Cancel ``task`` and give it ``grace`` seconds to finish; what it raised no longer
+    matters (but a KeyboardInterrupt still does).  Bounded: a task that ignores its
+    cancellation (qemu.qmp's, after a Ctrl-C landed inside it) cannot hang the harness,
+    as ``await task`` or ``asyncio.wait_for`` would."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await asyncio.wait({task}, timeout=grace)
+    if task.done() and not task.cancelled():
+        exc = task.exception()  # retrieved, so asyncio does not log it
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+
+
+async def _within(aw: Awaitable[Any], timeout: float) -> None:
+    """Run ``aw`` for at most ``timeout`` seconds (then cancel it, bounded)."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if task not in done:
+        await _cancelled(task)
+    elif not task.cancelled():
+        task.exception()  # retrieved: a broken connection's error does not matter here
 
 
 def _sh_quote_relocatable(arg: str, folder: str) -> str:
@@ -685,7 +700,7 @@ class Machine:
         if self._client is not None:
             # The connection may be gone or broken already (QEMU exited): that is fine.
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+                loop.run_until_complete(_within(self._client.disconnect(), 2.0))
         if self._pidfd is not None:
             loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
