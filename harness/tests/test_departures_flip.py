@@ -48,7 +48,7 @@ FLIPS = (
          ("iotests/test_livelock.py::test_ignored_read_error_on_broken_snapshot"
           "[speed-limit]",)),
     Flip("cbw-timeout-wraps",
-         ("iotests/test_cbw_timeout.py::test_timeout_boundary[omitted-10s]",), (),
+         ("iotests/test_cbw_timeout.py::test_timeout_boundary[omitted-5s]",), (),
          real_release="7.2"),
     Flip("snapshot-read-leaving-copied-cluster",
          ("iotests/test_request_shapes.py::test_snapshot_read_leaving_a_copied_cluster"
