@@ -57,9 +57,9 @@ TIMED_OUT = os.strerror(errno.ETIMEDOUT)        # "Connection timed out"
 SNAPSHOT_BROKEN = os.strerror(errno.EACCES)     # "Permission denied"
 
 # Before 9.1 QEMU kept the timeout in nanoseconds in a uint32_t: anything above
-# 4.29 s wraps (5 s -> 0.71 s, 10 s -> 1.41 s, 30 s -> 4.23 s).  Fixed upstream by "block/copy-before-
-# write: use uint64_t for timeout in nanoseconds" (QEMU 9.1).  The registry's entry
-# applies to builds before 9.1 only.
+# 4.29 s wraps (5 s -> 0.71 s, 10 s -> 1.41 s, 30 s -> 4.23 s).  Fixed upstream by
+# "block/copy-before-write: use uint64_t for timeout in nanoseconds" (QEMU 9.1).  The
+# registry's entry applies to builds before 9.1 only.
 TIMEOUT_WRAPS = pytest.mark.departure("cbw-timeout-wraps")
 
 
