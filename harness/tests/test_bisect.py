@@ -25,9 +25,9 @@ pytestmark = pytest.mark.selftest
 # 11.1 behaves as documented.
 TEST_ID = "test_snapshot_read_leaving_a_copied_cluster[omitted-larger-than-a-cluster]"
 SELECTION = [f"iotests/test_request_shapes.py::{TEST_ID}"]
-COMMITS = 22
-FIRST_CHANGED = 15   # the commit that switches QEMU
-BROKEN_BUILDS = range(9, 13)  # around the first midpoint git bisect tests: builds fail
+COMMITS = 12
+FIRST_CHANGED = 8    # the commit that switches QEMU
+BROKEN_BUILDS = range(5, 7)   # around the first midpoint git bisect tests: builds fail
 
 # The build command of every commit: wrappers that exec the real QEMU the commit names.
 # $FLAKE_ONCE: the first QEMU start of the whole bisect fails, as a flaky host would.
