@@ -6,7 +6,9 @@ version number; a capability is a question asked of the build's own QMP schema.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -17,6 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, HarnessError, MissingCapability
 from .builds import QemuBuild
+from .cache import cache_root
 
 
 class Schema:
@@ -284,7 +287,62 @@ def accelerators(qemu_system: Path) -> list[str]:
     return [line.strip() for line in out.stdout.splitlines()[1:] if line.strip()]
 
 
+# Bump when the probe asks new questions or BuildInfo's JSON changes.
+PROBE_FORMAT = 1
+PROBES_KEPT = 100  # the probe cache's newest entries (each ~0.3 MB of schema)
+
+
 def probe(build: QemuBuild) -> BuildInfo:
+    """What the build has: asked of it once per set of binaries, then read from the cache.
+
+    Every pytest process of a run shares one probe already; the cache serves the
+    self-tests' and bisect's many short runs of the same build (0.4 s each).  Its key is
+    each binary's identity on disk (path, inode, size, times, and the same for its
+    resolved path), so a rebuilt or re-provisioned QEMU is probed again; a probe that
+    fails is never cached."""
+    key = _cache_key(build)
+    entry = cache_root() / "probes" / f"{key}.json" if key else None
+    if entry is not None:
+        try:
+            info = BuildInfo.from_json(build, json.loads(entry.read_text()))
+            os.utime(entry)  # recently used: kept by the pruning below
+            return info
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or unreadable: probe again
+    info = _probe(build)
+    if entry is not None:
+        _store(entry, info)
+    return info
+
+
+def _cache_key(build: QemuBuild) -> str | None:
+    ident: list[object] = [PROBE_FORMAT]
+    for path in (build.qemu_system, build.qemu_img, build.qemu_io):
+        for p in (Path(path), Path(path).resolve()):
+            try:
+                st = p.stat()
+            except OSError:
+                return None  # the probe itself says what is wrong with it
+            ident.append([str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def _store(entry: Path, info: BuildInfo) -> None:
+    """Write atomically (xdist workers and parallel runs may probe at once), then keep
+    the PROBES_KEPT newest; a cache that cannot be written is only slower."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info.to_json()))
+        tmp.rename(entry)
+        entries = sorted(entry.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-PROBES_KEPT]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _probe(build: QemuBuild) -> BuildInfo:
     """Start the build once (no guest) and ask it what it has."""
     from .machine import Machine  # machine imports builds; keep probe importable alone
 

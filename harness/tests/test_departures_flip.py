@@ -104,8 +104,11 @@ def test_fixed_qemu_flips_the_departure(tmp_path, qemu_build, build_info, flip):
     assert f"{flip.departure} on QEMU" in out and "FIXED (strict XPASS)" in out
 
 
-@pytest.mark.parametrize("flip", FLIPS, ids=lambda f: f.departure)
+@pytest.mark.parametrize("flip", [f for f in FLIPS if f.real_release is not None],
+                         ids=lambda f: f.departure)
 def test_real_qemu_shows_the_departure(tmp_path, qemu_build, build_info, flip):
+    """The departures seen on another release show there.  (Those of the build under
+    test show in the suite's own run beside this one: each is a strict xfail there.)"""
     _, real = _builds(flip, qemu_build, build_info)
     result = run_suite(tmp_path, real, flip.tests)
     out = result.stdout + result.stderr

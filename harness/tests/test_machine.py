@@ -213,3 +213,39 @@ def test_build_directory_of_symlinks_runs(qemu_build, tmp_path):
     link.symlink_to(qemu_build.qemu_system)
     out = subprocess.run([str(link), "--version"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "QEMU emulator version" in out.stdout, out.stderr
+
+
+def test_probe_is_cached_per_set_of_binaries_and_redone_when_one_changes(
+        qemu_build, tmp_path, monkeypatch):
+    """The probe cache serves the same binaries again without starting QEMU, and a
+    binary that changed on disk (rebuilt, re-provisioned) is probed again."""
+    from harness.qemu import builds, probe
+
+    monkeypatch.setenv("CBW_CACHE_DIR", str(tmp_path / "cache"))
+    wrappers = {}
+    for tool, real in (("qemu-system-x86_64", qemu_build.qemu_system),
+                       ("qemu-img", qemu_build.qemu_img), ("qemu-io", qemu_build.qemu_io)):
+        w = tmp_path / tool
+        w.write_text(f"#!/bin/sh\nexec '{real}' \"$@\"\n")
+        w.chmod(0o755)
+        wrappers[tool] = w
+    build = builds.QemuBuild(wrappers["qemu-system-x86_64"], wrappers["qemu-img"],
+                             wrappers["qemu-io"])
+    asked = []
+    real_probe = probe._probe
+
+    def counted(b):
+        asked.append(b)
+        return real_probe(b)
+    monkeypatch.setattr(probe, "_probe", counted)
+
+    first = probe.probe(build)
+    again = probe.probe(build)
+    assert len(asked) == 1, "the same binaries were probed twice"
+    assert again.version == first.version and again.build is build
+    assert again.schema.entries == first.schema.entries
+    assert again.has("copy-before-write.cbw-timeout") == first.has("copy-before-write.cbw-timeout")
+
+    wrappers["qemu-io"].write_text(wrappers["qemu-io"].read_text() + "# rebuilt\n")
+    probe.probe(build)
+    assert len(asked) == 2, "a changed binary must be probed again"
