@@ -76,7 +76,6 @@ def backup_values(values):
 
 
 BREAKING = pytest.mark.parametrize("on_cbw_error", backup_values(BREAKS_GUEST_WRITE))
-SITE = pytest.mark.parametrize("site", SITES)
 FLEECING = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")
 
 
@@ -180,19 +179,26 @@ def assert_regions(images: Images, path: Path, want: dict[int, str], what: str) 
 
 
 # --------------------------------------------------------------------------- tests
+# One boot serves both fault sites: each disk is named after its site ("target-..." for a
+# fault on the target's write, "source-..." on the source's read) and its role.
 
-@SITE
+def at(site: str, role: str) -> str:
+    """The disk that plays ``role`` with its fault at ``site``."""
+    return f"{site.split('-')[0]}-{role}"
+
+
 @BREAKING
-def test_write_error_reaches_the_guest(boot, images, on_cbw_error, site):
-    """Three disks: device default (one-shot fault), werror=report and werror=ignore
-    (persistent faults)."""
-    run = boot(GuestDisk("default", on_cbw_error=on_cbw_error, fault=Fault(site, once=True)),
-               GuestDisk("report", werror="report", on_cbw_error=on_cbw_error,
-                         fault=Fault(site, once=False)),
-               GuestDisk("ignore", werror="ignore", on_cbw_error=on_cbw_error,
-                         fault=Fault(site, once=False)))
+def test_write_error_reaches_the_guest(boot, images, on_cbw_error):
+    """Per fault site, three disks: device default (one-shot fault), werror=report and
+    werror=ignore (persistent faults)."""
+    run = boot(*(disk for site in SITES for disk in (
+        GuestDisk(at(site, "default"), on_cbw_error=on_cbw_error, fault=Fault(site, once=True)),
+        GuestDisk(at(site, "report"), werror="report", on_cbw_error=on_cbw_error,
+                  fault=Fault(site, once=False)),
+        GuestDisk(at(site, "ignore"), werror="ignore", on_cbw_error=on_cbw_error,
+                  fault=Fault(site, once=False)))))
     assert not run.stops and run.final_status != "io-error"
-    for name in ("default", "report"):
+    for name in (at(site, role) for site in SITES for role in ("default", "report")):
         d = run.disk(name)
         failing = d.disk.fault.failing_writes()
         for off in GUEST_WRITES:
@@ -208,65 +214,69 @@ def test_write_error_reaches_the_guest(boot, images, on_cbw_error, site):
         assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES if off not in failing},
                        f"{name}: the regions overwritten were copied first")
 
-    ignore = run.disk("ignore")
-    for off in GUEST_WRITES:
-        op = assert_write_succeeded_in_guest(run, "ignore", off)
-        assert not run.io_errors_during(op), "werror=ignore: the guest kernel saw an error"
-    assert_block_io_errors(ignore, "ignore")
-    assert_reads_work(run, "ignore", {})  # the guest reads back the old data it "overwrote"
-    assert_regions(images, ignore.source, {off: "old" for off in GUEST_WRITES},
-                   "werror=ignore: documented data loss: the guest was told its writes "
-                   "succeeded, yet the source must still hold the old data")
+    for name in (at(site, "ignore") for site in SITES):
+        ignore = run.disk(name)
+        for off in GUEST_WRITES:
+            op = assert_write_succeeded_in_guest(run, name, off)
+            assert not run.io_errors_during(op), f"{name}: werror=ignore: the guest kernel saw " \
+                "an error"
+        assert_block_io_errors(ignore, "ignore")
+        assert_reads_work(run, name, {})  # the guest reads back the old data it "overwrote"
+        assert_regions(images, ignore.source, {off: "old" for off in GUEST_WRITES},
+                       f"{name}: werror=ignore: documented data loss: the guest was told its "
+                       "writes succeeded, yet the source must still hold the old data")
 
 
-@SITE
 @BREAKING
-def test_werror_stop_pauses_until_the_fault_is_gone(boot, images, on_cbw_error, site):
-    """Two werror=stop disks: ``once`` (one-shot fault: the first ``cont`` completes the
-    write) and ``always`` (persistent: ``cont`` stops again; cancelling the backup job
-    drops the filter, and the next ``cont`` completes the write)."""
-    run = boot(GuestDisk("once", werror="stop", on_cbw_error=on_cbw_error,
-                         fault=Fault(site, once=True)),
-               GuestDisk("always", werror="stop", on_cbw_error=on_cbw_error,
-                         fault=Fault(site, once=False), stop_retries=1))
-    once, always = run.disk("once"), run.disk("always")
-    assert [s.answer for s in once.stops] == ["cont"]
-    assert [s.answer for s in always.stops] == ["cont", "cancel-job+cont"], \
-        "a cont with the fault in place must stop again"
+def test_werror_stop_pauses_until_the_fault_is_gone(boot, images, on_cbw_error):
+    """Per fault site, two werror=stop disks: ``once`` (one-shot fault: the first ``cont``
+    completes the write) and ``always`` (persistent: ``cont`` stops again; cancelling the
+    backup job drops the filter, and the next ``cont`` completes the write)."""
+    run = boot(*(disk for site in SITES for disk in (
+        GuestDisk(at(site, "once"), werror="stop", on_cbw_error=on_cbw_error,
+                  fault=Fault(site, once=True)),
+        GuestDisk(at(site, "always"), werror="stop", on_cbw_error=on_cbw_error,
+                  fault=Fault(site, once=False), stop_retries=1))))
     assert {s.status for s in run.stops} == {"io-error"}
-    # action stop is not rate-limited: one event per pause, each followed by STOP.
-    for d in (once, always):
-        assert_block_io_errors(d, "stop")
-        assert len(d.io_errors) == len(d.stops), d.io_errors
     names = run.event_names()
     for i, name in enumerate(names):
         if name == "BLOCK_IO_ERROR":
             assert "STOP" in names[i + 1:i + 3], f"no STOP after BLOCK_IO_ERROR: {names}"
-
-    for name in ("once", "always"):
-        for off in GUEST_WRITES:
-            op = assert_write_succeeded_in_guest(run, name, off)
-            assert not run.io_errors_during(op), f"{name}: the guest saw the paused write fail"
-        assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
-        assert_regions(images, run.disk(name).source, {off: "new" for off in GUEST_WRITES},
-                       f"{name}: the resumed writes reached the disk")
-    # The one-shot fault is gone at the retry: its copy succeeds, the backup stays valid.
-    assert_regions(images, once.target, {off: "old" for off in GUEST_WRITES},
-                   "once: the retried write was copied before it went through")
-    assert always.job_status is None, "always: the cancelled job is still there"
+    for site in SITES:
+        once, always = run.disk(at(site, "once")), run.disk(at(site, "always"))
+        assert [s.answer for s in once.stops] == ["cont"], once.disk.name
+        assert [s.answer for s in always.stops] == ["cont", "cancel-job+cont"], \
+            f"{always.disk.name}: a cont with the fault in place must stop again"
+        # action stop is not rate-limited: one event per pause, each followed by STOP.
+        for d in (once, always):
+            assert_block_io_errors(d, "stop")
+            assert len(d.io_errors) == len(d.stops), (d.disk.name, d.io_errors)
+        for d in (once, always):
+            name = d.disk.name
+            for off in GUEST_WRITES:
+                op = assert_write_succeeded_in_guest(run, name, off)
+                assert not run.io_errors_during(op), f"{name}: the guest saw the paused write fail"
+            assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
+            assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
+                           f"{name}: the resumed writes reached the disk")
+        # The one-shot fault is gone at the retry: its copy succeeds, the backup stays valid.
+        assert_regions(images, once.target, {off: "old" for off in GUEST_WRITES},
+                       f"{once.disk.name}: the retried write was copied before it went through")
+        assert always.job_status is None, f"{always.disk.name}: the cancelled job is still there"
 
 
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
-@SITE
-def test_break_snapshot_keeps_the_guest_unaware(boot, images, site):
-    """break-snapshot: a report disk (one-shot fault) and a stop disk (persistent fault):
-    no error reaches the guest or QMP, and the backup misses what the guest overwrote."""
-    run = boot(GuestDisk("report", werror="report", on_cbw_error="break-snapshot",
-                         fault=Fault(site, once=True)),
-               GuestDisk("stop", werror="stop", on_cbw_error="break-snapshot",
-                         fault=Fault(site, once=False)))
+def test_break_snapshot_keeps_the_guest_unaware(boot, images):
+    """break-snapshot, per fault site: a report disk (one-shot fault) and a stop disk
+    (persistent fault): no error reaches the guest or QMP, and the backup misses what the
+    guest overwrote."""
+    run = boot(*(disk for site in SITES for disk in (
+        GuestDisk(at(site, "report"), werror="report", on_cbw_error="break-snapshot",
+                  fault=Fault(site, once=True)),
+        GuestDisk(at(site, "stop"), werror="stop", on_cbw_error="break-snapshot",
+                  fault=Fault(site, once=False)))))
     assert not run.stops and "BLOCK_IO_ERROR" not in run.event_names()
-    for name in ("report", "stop"):
+    for name in (at(site, role) for site in SITES for role in ("report", "stop")):
         for off in GUEST_WRITES:
             op = assert_write_succeeded_in_guest(run, name, off)
             assert not run.io_errors_during(op), f"{name}: the guest kernel saw an error"
@@ -281,37 +291,44 @@ def test_break_snapshot_keeps_the_guest_unaware(boot, images, site):
 
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
 @pytest.mark.departure("sync-none-broken-snapshot-runs-on")
-@SITE
-def test_break_snapshot_ends_the_backup_job(boot, site):
-    run = boot(GuestDisk("disk", on_cbw_error="break-snapshot", fault=Fault(site, once=True)))
-    assert write_at(run, "disk", FIRST).ok
-    assert run.disk("disk").job_status != "running", "the job goes on with a broken snapshot"
+def test_break_snapshot_ends_the_backup_job(boot):
+    """break-snapshot, a one-shot fault at each site: the write goes through, and the
+    backup job based on the broken snapshot must not go on."""
+    run = boot(*(GuestDisk(at(site, "disk"), on_cbw_error="break-snapshot",
+                           fault=Fault(site, once=True)) for site in SITES))
+    for site in SITES:
+        name = at(site, "disk")
+        assert write_at(run, name, FIRST).ok, name
+        assert run.disk(name).job_status != "running", \
+            f"{name}: the job goes on with a broken snapshot"
 
 
 @FLEECING
-@SITE
 @pytest.mark.parametrize("on_cbw_error", [*BREAKS_GUEST_WRITE, "break-snapshot"], ids=value_id)
-def test_fleecing_snapshot_under_guest_writes(boot, images, on_cbw_error, site):
-    """A copy-before-write node with snapshot-access on top; the snapshot is read after
-    the guest's end, as an export would read it."""
-    run = boot(GuestDisk("fleece", layout=Layout.FLEECING, on_cbw_error=on_cbw_error,
-                         fault=Fault(site, once=True)))
-    d = run.disk("fleece")
-    if on_cbw_error == "break-snapshot":
-        for off in GUEST_WRITES:
-            assert_write_succeeded_in_guest(run, "fleece", off)
-        assert not d.io_errors, "break-snapshot: BLOCK_IO_ERROR"
-        want = errno_text(BROKEN_SNAPSHOT_ERROR)
-        assert {off: r.error for off, r in d.snapshot_reads.items()} == \
-            {off: want for off in d.snapshot_reads}, "reads of a broken snapshot must fail"
-        assert_reads_work(run, "fleece", {off: NEW for off in GUEST_WRITES})
-    else:
-        assert_write_failed_in_guest(run, "fleece", FIRST)
-        assert_write_succeeded_in_guest(run, "fleece", GUEST_WRITES[1])
-        assert_block_io_errors(d, "report")
-        bad = {off: r.output for off, r in d.snapshot_reads.items() if not r.ok}
-        assert not bad, f"the snapshot must still read as the old data: {bad}"
-        assert_reads_work(run, "fleece", {FIRST: ORIGINAL, GUEST_WRITES[1]: NEW})
+def test_fleecing_snapshot_under_guest_writes(boot, images, on_cbw_error):
+    """A copy-before-write node with snapshot-access on top, a one-shot fault at each
+    site; the snapshot is read after the guest's end, as an export would read it."""
+    run = boot(*(GuestDisk(at(site, "fleece"), layout=Layout.FLEECING,
+                           on_cbw_error=on_cbw_error, fault=Fault(site, once=True))
+                 for site in SITES))
+    for name in (at(site, "fleece") for site in SITES):
+        d = run.disk(name)
+        if on_cbw_error == "break-snapshot":
+            for off in GUEST_WRITES:
+                assert_write_succeeded_in_guest(run, name, off)
+            assert not d.io_errors, f"{name}: break-snapshot: BLOCK_IO_ERROR"
+            want = errno_text(BROKEN_SNAPSHOT_ERROR)
+            assert {off: r.error for off, r in d.snapshot_reads.items()} == \
+                {off: want for off in d.snapshot_reads}, \
+                f"{name}: reads of a broken snapshot must fail"
+            assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
+        else:
+            assert_write_failed_in_guest(run, name, FIRST)
+            assert_write_succeeded_in_guest(run, name, GUEST_WRITES[1])
+            assert_block_io_errors(d, "report")
+            bad = {off: r.output for off, r in d.snapshot_reads.items() if not r.ok}
+            assert not bad, f"{name}: the snapshot must still read as the old data: {bad}"
+            assert_reads_work(run, name, {FIRST: ORIGINAL, GUEST_WRITES[1]: NEW})
 
 
 @pytest.mark.parametrize("once", [True, False], ids=["once", "always"])
@@ -321,7 +338,8 @@ def test_disk_kind_report(boot, images, kind, once):
     left to its default: QEMU reports the error to the guest's driver, which retries the
     write (SCSI midlayer: Aborted Command; libata error handling).  A one-shot fault is
     gone at the retry: the guest sees success, and the retry was copied first.  A
-    persistent one fails every retry and the write."""
+    persistent one fails every retry and the write.  (One such disk per guest: the
+    kernel names /dev/sd* in an order that is not fixed.)"""
     run = boot(GuestDisk("disk", kind=kind, werror="report",
                          fault=Fault("target-write", once=once)))
     d = run.disk("disk")

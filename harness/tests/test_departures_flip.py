@@ -40,8 +40,7 @@ FLIPS = (
          ("iotests/test_backup_sync_full.py::test_control_without_fault[break-snapshot]",)),
     Flip("sync-none-broken-snapshot-runs-on",
          ("iotests/test_backup_sync_none.py::test_fault[break-snapshot-source-read-once]",
-          "iotests/test_guest_delivery.py::test_break_snapshot_ends_the_backup_job"
-          "[target-write]"),
+          "iotests/test_guest_delivery.py::test_break_snapshot_ends_the_backup_job"),
          ("iotests/test_backup_sync_none.py::test_control_without_fault[break-snapshot]",)),
     Flip("ignore-on-broken-snapshot-livelocks",
          ("iotests/test_livelock.py::test_ignored_read_error_on_broken_snapshot[full-speed]",),
