@@ -39,7 +39,8 @@ def run_pytest(tmp: Path, test_source: str, *args: str, env: dict[str, str] | No
     full_env.update({**(build.as_env() if build else {}), **(env or {})})
     full_env.pop("PYTEST_XDIST_WORKER", None)
     full_env.pop("PYTEST_ADDOPTS", None)
-    argv = [sys.executable, "-m", "pytest", "-p", "harness.plugin",
+    # -p no:hypothesispytest as the project's addopts say (the inner run's rootdir has none).
+    argv = [sys.executable, "-m", "pytest", "-p", "harness.plugin", "-p", "no:hypothesispytest",
             *([] if cache else ["-p", "no:cacheprovider"]),
             "--rootdir", str(tmp), "--artifacts", str(tmp / "artifacts"), *args,
             str(tmp / "test_inner.py")]
