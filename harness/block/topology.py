@@ -173,8 +173,7 @@ class Topology:
         if self.layout is Layout.FLEECING:
             return None
         if self.layout is Layout.PUSH_FROM_SNAPSHOT:
-            args: dict[str, Any] = {"job-id": self.job, "device": self.snapshot_node,
-                                    "target": self.node("backup"), "sync": "full"}
+            args: dict[str, Any] = self.push_backup_args()
         else:
             args = {"job-id": self.job, "device": self.node("source"),
                     "target": self.node("target"),
@@ -191,6 +190,13 @@ class Topology:
             if value is not None:
                 args[key] = value
         return args
+
+
+    def push_backup_args(self) -> dict[str, Any]:
+        """``blockdev-backup`` of the snapshot-access node to ``backup``, sync=full (a push
+        backup from the fleecing snapshot; any layout with a snapshot)."""
+        return {"job-id": self.job, "device": self.snapshot_node,
+                "target": self.node("backup"), "sync": "full"}
 
 
 def guest_device(kind: str, qdev_id: str, drive: str, *, werror: str | None = None,

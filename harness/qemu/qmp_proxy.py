@@ -305,6 +305,12 @@ class SnapshotReadsAsFixed(ReportsOldVersion):
     name = "snapshot-read-leaving-copied-cluster"
 
 
+class SnapshotDiscardAsFixed(ReportsOldVersion):
+    """The build says it is 7.2.22: its snapshot discards are the real (later) build's."""
+
+    name = "snapshot-discard-unaligned-aborts"
+
+
 _SWAP = {"break-guest-write": "break-snapshot", "break-snapshot": "break-guest-write"}
 
 
@@ -331,7 +337,7 @@ class SwapsOnCbwError(Rule):
 
 RULES: dict[str, Callable[[], Rule]] = {r.name: r for r in (
     SyncFullBrokenSnapshotFails, SyncNoneBrokenSnapshotFails, IgnoringJobYields,
-    ReportsOldVersion, SnapshotReadsAsFixed, SwapsOnCbwError)}
+    ReportsOldVersion, SnapshotReadsAsFixed, SnapshotDiscardAsFixed, SwapsOnCbwError)}
 
 
 def rewrite_args(rules: list[str], args: list[str]) -> list[str]:

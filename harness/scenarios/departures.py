@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import QEMUUnresponsive
+from ..errors import QEMUDied, QEMUUnresponsive
 
 Version = tuple[int, ...]
 
@@ -103,6 +103,17 @@ DEPARTURES: tuple[Departure, ...] = (
                  "(reads that end inside the copied cluster are right)",
         seen_on=("7.2.22",),
         fixed_in=(10, 0)),
+    Departure(
+        name="snapshot-discard-unaligned-aborts",
+        title="a discard on the snapshot-access node that is not aligned to the "
+              "copy-before-write's cluster size",
+        documented="a discard of any byte range is a valid request (qemu-io discard, NBD "
+                   "TRIM); the copy-before-write snapshot discards the clusters it covers "
+                   "whole (QAPI blockdev-backup discard-source, since 9.1, relies on it)",
+        observed="aborts (hbitmap_reset: Assertion `QEMU_IS_ALIGNED(start, gran)' failed)",
+        seen_on=("7.2.22",),
+        fixed_in=(10, 0),
+        raises=QEMUDied),
 )
 
 _BY_NAME = {d.name: d for d in DEPARTURES}

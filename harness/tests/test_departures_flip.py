@@ -56,6 +56,10 @@ FLIPS = (
          ("iotests/test_request_shapes.py::test_snapshot_read_shape"
           "[omitted-no-fault-unaligned-from-uncopied-into-copied]",),
          real_release="7.2"),
+    Flip("snapshot-discard-unaligned-aborts",
+         ("iotests/test_snapshot_readers.py::test_discard_on_the_snapshot[unaligned]",),
+         ("iotests/test_snapshot_readers.py::test_discard_on_the_snapshot[aligned]",),
+         real_release="7.2"),
 )
 
 
