@@ -96,6 +96,8 @@ class ScenarioSpec:
     release_speed: int | None = None
     seed: int | None = None  # the source holds seeded_bytes(seed) instead of ORIGINAL
     unmap: bool = False  # every node passes discards down (Topology.unmap)
+    min_cluster_size: int | None = None  # the copy-before-write node's (fleecing layouts)
+    iothread: bool = False  # the guest's disk controller runs in an iothread (backup layouts)
 
     @property
     def policy(self) -> str:
@@ -116,7 +118,7 @@ class ScenarioSpec:
     def topology(self, images: Images) -> Topology:
         return Topology(self.layout, images.folder, on_cbw_error=self.on_cbw_error,
                         cbw_timeout=self.cbw_timeout, fault=self.fault, job=JOB,
-                        unmap=self.unmap)
+                        unmap=self.unmap, min_cluster_size=self.min_cluster_size)
 
     def backup_args(self, topology: Topology) -> dict[str, Any] | None:
         brake = {"speed": 1, "max_chunk": CHUNK} if self.braked else {}
