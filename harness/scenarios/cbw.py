@@ -45,6 +45,7 @@ from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
 
 DEVICE = "disk0"
+IOTHREAD = "iothread0"
 # The disk's CHS geometry (4 MiB), given so that the device does not read sector 0 to
 # guess it: that read would consume a one-shot blkdebug rule that names no sector.
 GEOMETRY = {"cyls": 8, "heads": 16, "secs": 64}
@@ -391,6 +392,9 @@ class Scenario:
         if self.topology.writes_through_device:
             controller, disk = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
             assert controller is not None
+            if self.spec.iothread:
+                args += ["-object", f"iothread,id={IOTHREAD}"]
+                controller["iothread"] = IOTHREAD
             args += ["-S", "-device", json.dumps(controller),
                      "-device", json.dumps({**disk, **GEOMETRY})]
             machine_type = "pc"
