@@ -29,6 +29,7 @@ import pytest
 
 from harness.block.images import Images
 from harness.block.topology import Layout, Topology
+from harness.plugin.rows import CaseRow
 from harness.qemu.machine import Machine
 from harness.scenarios.cbw import CHUNK, IMAGE_SIZE, NEW, ORIGINAL, KiB, MiB
 from iotests.expectations import assert_same_bytes
@@ -56,18 +57,20 @@ def braked_backup(vm: Machine, command: str, args: dict[str, Any]) -> None:
     vm.wait_job_status(args["job-id"], "running")
 
 
-def guest_writes(vm: Machine, topology: Topology,
+def guest_writes(vm: Machine, topology: Topology, row: CaseRow,
                  writes: tuple[tuple[int, int], ...] = GUEST_WRITES) -> None:
     for offset, length in writes:
-        result = vm.qemu_io(topology.write_node, f"write -P {NEW:#x} {offset} {length}",
-                            device=False)
+        request = f"write -P {NEW:#x} {offset} {length}"
+        result = vm.qemu_io(topology.write_node, request, device=False)
+        row.guest(request, result)
         assert result.ok, f"guest write at {offset}+{length}: {result.output}"
 
 
-def release_to_completion(vm: Machine, job: str) -> None:
+def release_to_completion(vm: Machine, job: str, row: CaseRow) -> None:
     vm.cmd("block-job-set-speed", {"device": job, "speed": 0})
     end = vm.wait_event("BLOCK_JOB_COMPLETED", {"device": job})
-    assert "error" not in end["data"], f"the backup failed: {end['data']}"
+    row.job_ended(end)
+    assert row.job == "completed", f"the backup failed: {end['data']}"
     vm.wait_job_status(job, "null")
 
 
@@ -75,7 +78,7 @@ def top_layer_extents(images: Images, path: Path) -> list[dict[str, Any]]:
     return [e for e in images.map(path) if e["depth"] == 0 and e["data"]]
 
 
-def test_sync_top(launch_vm, images):
+def test_sync_top(launch_vm, images, case_row):
     """base.raw (old data) <- source.qcow2 whose top layer holds the clusters at 0, 2 MiB
     and 3 MiB; the guest writes into 1 MiB (only in the backing file) and 2 MiB (in the
     top) while the job has copied the first only."""
@@ -92,12 +95,16 @@ def test_sync_top(launch_vm, images):
     args = topology.backup_args(speed=1, max_chunk=CHUNK)
     assert args is not None
     braked_backup(vm, "blockdev-backup", {**args, "sync": "top"})
-    guest_writes(vm, topology, ((MiB, CHUNK), (2 * MiB + 4 * KiB, 4 * KiB)))
-    release_to_completion(vm, topology.job)
+    row = case_row("sync-top", "guest writes in and outside the top layer")
+    guest_writes(vm, topology, row, ((MiB, CHUNK), (2 * MiB + 4 * KiB, 4 * KiB)))
+    release_to_completion(vm, topology.job, row)
     vm.shutdown()
-    assert images.identical(target, original), \
-        "sync=top: the target over the backing file is not the point-in-time image"
+    same = images.identical(target, original)
     copied = [(e["start"], e["length"]) for e in top_layer_extents(images, target)]
+    row.saw("backup", same)
+    row.saw("copied", "top layer only" if copied == [(off, CHUNK) for off in TOP_CLUSTERS]
+            else f"{len(copied)} extents")
+    assert same, "sync=top: the target over the backing file is not the point-in-time image"
     assert copied == [(off, CHUNK) for off in TOP_CLUSTERS], \
         f"sync=top: the target's top layer should hold the source's top clusters only: {copied}"
 
@@ -111,7 +118,10 @@ FORMATS = {
 
 @pytest.mark.parametrize("source_cluster,target_cluster,compress", FORMATS.values(),
                          ids=FORMATS.keys())
-def test_qcow2_source_and_target(launch_vm, images, source_cluster, target_cluster, compress):
+def test_qcow2_source_and_target(launch_vm, images, case_row, source_cluster, target_cluster,
+                                 compress):
+    row = case_row("qcow2-formats", f"source {source_cluster // KiB} KiB clusters, target "
+                   f"{target_cluster // KiB} KiB" + (", compressed" if compress else ""))
     topology = Topology(Layout.BACKUP_SYNC_FULL, images.folder, fault=None,
                         qcow2=("source", "target"))
     source = images.create(topology.image("source").name, IMAGE_SIZE, "qcow2",
@@ -124,32 +134,40 @@ def test_qcow2_source_and_target(launch_vm, images, source_cluster, target_clust
     args = topology.backup_args(speed=1, max_chunk=max(CHUNK, target_cluster))
     assert args is not None
     braked_backup(vm, "blockdev-backup", {**args, **({"compress": True} if compress else {})})
-    guest_writes(vm, topology)
-    release_to_completion(vm, topology.job)
+    guest_writes(vm, topology, row)
+    release_to_completion(vm, topology.job, row)
     vm.shutdown()
-    assert images.identical(target, original), "the backup is not the point-in-time image"
+    same = images.identical(target, original)
+    row.saw("backup", same)
+    assert same, "the backup is not the point-in-time image"
     if compress:  # uniform data compresses to a few bytes a cluster (qemu-img map of 7.2
         # does not say "compressed"): the file is far smaller than its data
         size = target.stat().st_size
+        row.saw("compressed", size < IMAGE_SIZE // 4)
         assert size < IMAGE_SIZE // 4, \
             f"compress: true, but the target file takes {size} bytes for {IMAGE_SIZE} of data"
 
 
 @pytest.mark.requires("copy-before-write.min-cluster-size", "snapshot-access")
-def test_min_cluster_size(scenario):
+def test_min_cluster_size(scenario, case_row):
     """Fleecing with min-cluster-size 256 KiB: a 4 KiB guest write in the second 64 KiB
     of [1 MiB, 1.25 MiB) copies all 256 KiB first."""
     size = 256 * KiB
     s = scenario(layout=Layout.FLEECING, seed=SEED, min_cluster_size=size)
     s.start()
+    row = case_row("min-cluster-size", "256 KiB, a 4 KiB guest write")
     original = s.images.read_raw(s.original)
-    write = s.guest_request(f"write -P {NEW:#x} {MiB + 68 * KiB} {4 * KiB}")
+    request = f"write -P {NEW:#x} {MiB + 68 * KiB} {4 * KiB}"
+    row.guest(request, write := s.guest_request(request))
     assert write.ok, write.output
     result, data = s.read_snapshot_data(MiB, size)
+    row.saw("snapshot", result.error or data == original[MiB:MiB + size])
     assert data is not None, result.output
     assert_same_bytes("snapshot read of the copied region", data, original[MiB:MiB + size], MiB)
     s.stop()
     target = s.images.read_raw(s.topology.image("target"))
+    row.saw("target", target[MiB:MiB + size] == original[MiB:MiB + size] and
+            target[:MiB] + target[MiB + size:] == bytes(IMAGE_SIZE - size))
     assert_same_bytes(f"the target's {size // KiB} KiB around the write",
                       target[MiB:MiB + size], original[MiB:MiB + size], MiB)
     rest = target[:MiB] + target[MiB + size:]
@@ -157,7 +175,8 @@ def test_min_cluster_size(scenario):
 
 
 @pytest.mark.requires("drive-backup")
-def test_drive_backup(launch_vm, images):
+def test_drive_backup(launch_vm, images, case_row):
+    row = case_row("drive-backup", "braked, two guest writes")
     topology = Topology(Layout.BACKUP_SYNC_FULL, images.folder, fault=None)
     source = images.create(topology.image("source").name, IMAGE_SIZE, "raw")
     original = images.fill_seeded(source, SEED, 0, IMAGE_SIZE)
@@ -167,8 +186,9 @@ def test_drive_backup(launch_vm, images):
     assert args is not None
     braked_backup(vm, "drive-backup", {**args, "target": str(target), "format": "raw",
                                        "mode": "existing"})
-    guest_writes(vm, topology)
-    release_to_completion(vm, topology.job)
-    assert_same_bytes("drive-backup's target, read at completion", images.read_raw(target),
-                      original)
+    guest_writes(vm, topology, row)
+    release_to_completion(vm, topology.job, row)
+    backup = images.read_raw(target)
+    row.saw("backup", backup == original)
+    assert_same_bytes("drive-backup's target, read at completion", backup, original)
     vm.shutdown()

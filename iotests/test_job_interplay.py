@@ -84,8 +84,11 @@ def drains(vm: Machine, topology: Topology) -> dict[str, Callable[[], None]]:
 
 @pytest.mark.requires("blockdev-backup.x-perf")
 @pytest.mark.parametrize("paused_by", ["block-job-pause", "target-write-error-stop"])
-def test_paused_job_stays_paused_across_drains(launch_vm, images, paused_by):
+def test_paused_job_stays_paused_across_drains(launch_vm, images, case_row, paused_by):
     by_error = paused_by != "block-job-pause"
+    row = case_row("paused-across-drains", f"paused by {paused_by}",
+                   fault=ONE_SHOT.name if by_error else "no-fault",
+                   policy="stop" if by_error else "")
     topology = Topology(Layout.BACKUP_SYNC_FULL, images.folder,
                         fault=ONE_SHOT if by_error else None)
     source = images.create(topology.image("source").name, IMAGE_SIZE, "raw")
@@ -108,18 +111,24 @@ def test_paused_job_stays_paused_across_drains(launch_vm, images, paused_by):
         vm.cmd("block-job-pause", {"device": job})
         paused = vm.wait_job_status(job, "paused", after=before)
         vm.cmd("block-job-set-speed", {"device": job, "speed": 0})  # paused: no effect yet
+    stayed: dict[str, str | bool] = {}
     for name, drain in drains(vm, topology).items():
         drain()
         since = vm.events[next(i for i, e in enumerate(vm.events) if e is paused) + 1:]
         ran = [e for e in since if e["event"] == "JOB_STATUS_CHANGE" and
                e["data"]["status"] != "paused"]
+        status = query_status(vm, job)
+        stayed[name] = "ok" if not ran and status == "paused" else f"{status} after it"
+        row.saw_each("stayed paused", stayed)
         assert not ran, f"the paused job left its pause after {name}: {ran}"
-        assert query_status(vm, job) == "paused", f"the job is not paused after {name}"
+        assert status == "paused", f"the job is not paused after {name}"
     vm.cmd("block-job-resume", {"device": job})
     end = vm.wait_event("BLOCK_JOB_COMPLETED", {"device": job})
+    row.job_ended(end)
     assert "error" not in end["data"], end["data"]
-    assert_same_bytes("the target, read when BLOCK_JOB_COMPLETED came",
-                      images.read_raw(topology.image("target")), original)
+    backup = images.read_raw(topology.image("target"))
+    row.saw("backup", backup == original)
+    assert_same_bytes("the target, read when BLOCK_JOB_COMPLETED came", backup, original)
     errors = vm.events_named("BLOCK_JOB_ERROR")
     assert len(errors) == (1 if by_error else 0), f"BLOCK_JOB_ERROR events: {errors}"
 
@@ -143,12 +152,14 @@ EARLY_WRITE = 3 * MiB  # written after the fleecing snapshot, before the backup 
 @pytest.mark.parametrize("on_cbw_error,fault", FAULTS.values(), ids=FAULTS.keys())
 @pytest.mark.parametrize("device", STACKINGS)
 def test_fleecing_export_and_backup_job_on_one_disk(launch_vm, images, transcript, build_info,
-                                                     device, on_cbw_error, fault):
+                                                     case_row, device, on_cbw_error, fault):
     """A fleecing snapshot, exported over NBD; the guest writes at 3 MiB; a backup job
     starts, its filter ("b-cbw") on the fleecing filter ("cbw") or below it, on the
     source; the guest writes through the top filter, so each write meets both.  The
     export is the image as it was at the fleecing's start (or, broken by a fault under
     break-snapshot, fails); the backup the image as it was at the job's start."""
+    row = case_row("two-filters", f"backup {'on' if device == 'cbw' else 'below'} the "
+                   "fleecing filter", on_cbw_error=on_cbw_error, fault=fault.name)
     fleece = Topology(Layout.FLEECING, images.folder, on_cbw_error=on_cbw_error, fault=fault)
     backup = Topology(Layout.BACKUP_SYNC_FULL, images.folder, fault=None, prefix="b-",
                       job="b-job")
@@ -175,12 +186,15 @@ def test_fleecing_export_and_backup_job_on_one_disk(launch_vm, images, transcrip
 
     breaks_guest_write = fault.injects and on_cbw_error != "break-snapshot"
     for off in GUEST_WRITES:
-        result = vm.qemu_io(top, f"write -P {NEW:#x} {off} {CHUNK}", device=False)
+        request = f"write -P {NEW:#x} {off} {CHUNK}"
+        result = vm.qemu_io(top, request, device=False)
+        row.guest(request, result)
         expected = errno_text(fault.errno) if breaks_guest_write and \
             off in fault.failing_writes() else None
         assert result.error == expected, \
             f"guest write at {off}: expected {expected or 'success'}, got {result.output!r}"
     read = export.read(0, IMAGE_SIZE, ORIGINAL)
+    row.saw("export", "Pattern verification failed" not in read.output and (read.error or True))
     if fault.injects and not breaks_guest_write:
         assert read.error == errno_text(NBD_BROKEN_SNAPSHOT_ERROR), \
             f"the broken fleecing snapshot served over NBD: {read.output}"
@@ -190,11 +204,14 @@ def test_fleecing_export_and_backup_job_on_one_disk(launch_vm, images, transcrip
     export.stop()
     vm.cmd("block-job-set-speed", {"device": backup.job, "speed": 0})
     end = vm.wait_event("BLOCK_JOB_COMPLETED", {"device": backup.job})
+    row.job_ended(end)
     assert "error" not in end["data"], f"the backup job: {end['data']}"
     at_backup_start = bytearray([ORIGINAL]) * IMAGE_SIZE
     at_backup_start[EARLY_WRITE:EARLY_WRITE + CHUNK] = bytes([NEW]) * CHUNK
-    assert_same_bytes("the backup job's target, read at its completion",
-                      images.read_raw(backup.image("target")), bytes(at_backup_start))
+    held = images.read_raw(backup.image("target"))
+    row.saw("backup", held == at_backup_start)
+    assert_same_bytes("the backup job's target, read at its completion", held,
+                      bytes(at_backup_start))
     vm.shutdown()
     written = images.holds_each(source, NEW, GUEST_WRITES, CHUNK, "raw")
     assert written == {off: not (breaks_guest_write and off in fault.failing_writes())
