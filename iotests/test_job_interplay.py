@@ -223,7 +223,9 @@ def test_fleecing_export_and_backup_job_on_one_disk(launch_vm, images, transcrip
 @pytest.mark.parametrize("fault", [NO_FAULT, ONE_SHOT], ids=lambda f: f.name)
 def test_disk_in_an_iothread(scenario, fault):
     """The backup story (braked sync=full, two guest writes through a SCSI disk whose
-    controller runs in an iothread) with on-cbw-error left to its default."""
+    controller runs in an iothread) with on-cbw-error left to its default.  No guest
+    driver runs (-S): the disk's nodes are in the iothread as far as virtio-scsi moves
+    them there when the disk is plugged; the test does not look inside QEMU for it."""
     obs = run(scenario(layout=Layout.BACKUP_SYNC_FULL, fault=fault, iothread=True,
                        summary_note="disk in an iothread"))
     assert_basics(obs, None, fault)

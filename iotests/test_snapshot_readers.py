@@ -26,7 +26,7 @@ already been copied to the target", since 9.1): only whole block-copy clusters a
 discarded (an unaligned discard shrinks to the clusters it covers); a discarded
 cluster is no longer part of the snapshot: reads of it fail (EACCES), the guest's
 writes to it are not copied any more, and its space in the temporary image is
-freed; the rest of the snapshot reads as before.  Builds before 10.0 abort on an
+freed; the rest of the snapshot reads as before.  Builds before 9.1 abort on an
 unaligned discard (departure ``snapshot-discard-unaligned-aborts``).
 """
 

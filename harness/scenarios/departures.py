@@ -113,7 +113,8 @@ DEPARTURES: tuple[Departure, ...] = (
                    "whole (QAPI blockdev-backup discard-source, since 9.1, relies on it)",
         observed="aborts (hbitmap_reset: Assertion `QEMU_IS_ALIGNED(start, gran)' failed)",
         seen_on=("7.2.22",),
-        fixed_in=(10, 0),
+        fixed_in=(9, 1),  # "block/copy-before-write: support unaligned snapshot-discard",
+        # in the series that added discard-source
         raises=QEMUDied),
     Departure(
         name="fleecing-export-follows-backup-filter",
