@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from harness.plugin.rows import observation_row
+from harness.plugin.rows import CaseRow, observation_row
 from harness.scenarios.cbw import CRUISE_SPEED, Scenario, ScenarioSpec
 
 _MACHINE_OPTIONS = ("name", "command_timeout")
@@ -75,3 +75,18 @@ def scenario(launch_vm, images, transcript, summary_row, check_transcript
     for s, note in made:
         if s.obs.guest_writes or s.obs.job:
             summary_row(**observation_row(s.obs, policy=s.spec.policy, note=note))
+
+
+@pytest.fixture
+def case_row(summary_row) -> Iterator[Callable[..., CaseRow]]:
+    """Factory: ``case_row(family, case, ...)`` (:class:`~harness.plugin.rows.CaseRow`)
+    for a test that drives QEMU itself; each becomes a row of the run's summary table."""
+    made: list[CaseRow] = []
+
+    def make(family: str, case: str, **kwargs: Any) -> CaseRow:
+        made.append(CaseRow(family, case, **kwargs))
+        return made[-1]
+
+    yield make
+    for row in made:
+        summary_row(**row.as_row())

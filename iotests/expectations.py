@@ -136,3 +136,14 @@ def assert_basics(obs: Observation, on_cbw_error: str | None, fault: Fault,
     if obs.snapshot_reads:
         assert_snapshot_reads(obs, on_cbw_error, fault, broken_snapshot_error)
     assert_source_data(obs)
+
+
+def assert_same_bytes(what: str, data: bytes, expected: bytes, offset: int = 0) -> None:
+    """``data`` (read at ``offset``) is ``expected`` byte for byte; else name the first
+    byte that differs, at its offset in the image."""
+    assert len(data) == len(expected), f"{what}: read {len(data)} bytes, expected {len(expected)}"
+    if data != expected:
+        first = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
+        raise AssertionError(f"{what} differs from the point-in-time data first at offset "
+                             f"{offset + first}: {data[first]:#04x}, expected "
+                             f"{expected[first]:#04x}")

@@ -32,6 +32,7 @@ class Fault:
     errno: int = errno_mod.EIO
     config: Path | None = None  # the rules of this blkdebug config file replace the built ones
     inline: bool = True         # with config: send the file's rules inline, else the file itself
+    immediately: bool = False   # the request fails at once, without yielding (no I/O at all)
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -63,7 +64,8 @@ class Fault:
         if self.config is not None:
             return f"{self.config.name} ({'inline' if self.inline else 'config file'})"
         return (f"{self.site}-{'once' if self.once else 'always'}-"
-                f"{errno_mod.errorcode.get(self.errno, self.errno)}")
+                f"{errno_mod.errorcode.get(self.errno, self.errno)}"
+                + ("-immediately" if self.immediately else ""))
 
     @property
     def injects(self) -> bool:
@@ -73,7 +75,8 @@ class Fault:
         # iotype: an armed rule would otherwise fail any I/O on the node (the guest's
         # own write to the source, a flush), not only the copy-before-write's.
         return BlkdebugRules([InjectError(event, iotype=iotype, errno=self.errno,
-                                          sector=off // 512, once=self.once)
+                                          sector=off // 512, once=self.once,
+                                          immediately=self.immediately)
                               for off in self.failing_writes()])
 
     def blkdebug(self, role: str, node_name: str, image: Mapping[str, Any]) -> dict[str, Any]:

@@ -227,6 +227,17 @@ class Images:
         raise ImageError(f"qemu-img compare {Path(a).name} {Path(b).name} failed: "
                          f"{proc.stderr.strip()}")
 
+    def map(self, path: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
+        """``qemu-img map --output=json``: the image's extents (``start``, ``length``,
+        ``depth`` in the backing chain, ``data``, ``zero``, ``compressed`` if the build
+        says), offline."""
+        proc = self._run([str(self.build.qemu_img), "map", "--output=json", "-f", fmt,
+                          str(path)], f"map {Path(path).name}")
+        if proc.returncode != 0:
+            raise ImageError(f"qemu-img map {Path(path).name} failed: {proc.stderr.strip()}")
+        extents: list[dict[str, Any]] = json.loads(proc.stdout)
+        return extents
+
     # ------------------------------------------------------------ qemu-io
     def qemu_io(self, path: Path, *commands: str, fmt: str = "qcow2",
                 force_share: bool = False) -> QemuIoResult:

@@ -69,3 +69,14 @@ class NbdExport:
                                         what=f"NBD client read at {offset}")
         self.transcript.log(f"NBD client read at {offset}: {result.output}")
         return result
+
+    def read_data(self, offset: int, length: int) -> tuple[QemuIoResult, bytes | None]:
+        """One client connection: ``read -v offset length``; the bytes read (None if the
+        read failed).  The dump is not logged: only its verdict is."""
+        result = self.images.qemu_io_on(["-r", "--image-opts", self.image_opts],
+                                        f"read -v {offset} {length}",
+                                        what=f"NBD client read at {offset}")
+        data = result.dumped(offset, length)
+        self.transcript.log(f"NBD client read at {offset}+{length}: "
+                            f"{result.error or ('read' if data is not None else result.output)}")
+        return result, data

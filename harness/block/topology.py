@@ -77,14 +77,19 @@ class Topology:
     prefix: str = ""
     job: str = "job0"
     unmap: bool = False
+    qcow2: tuple[str, ...] = ()  # roles whose image is qcow2 (made by the caller); else raw
+    min_cluster_size: int | None = None  # the copy-before-write node's min-cluster-size
 
     # ------------------------------------------------------------ names
     def node(self, role: str) -> str:
         """The node-name of ``source``, ``target``, ``backup``, ``cbw``, ``snapshot``..."""
         return f"{self.prefix}{role}"
 
+    def image_format(self, role: str) -> str:
+        return "qcow2" if role in self.qcow2 else "raw"
+
     def image(self, role: str) -> Path:
-        return self.folder / f"{self.prefix}{role}.raw"
+        return self.folder / f"{self.prefix}{role}.{self.image_format(role)}"
 
     @property
     def image_roles(self) -> tuple[str, ...]:
@@ -120,12 +125,17 @@ class Topology:
 
     # ------------------------------------------------------------ nodes
     def raw_node(self, role: str) -> dict[str, Any]:
-        """A raw node on its image; over blkdebug (source, target) when a fault is set."""
+        """A raw (or qcow2, see ``qcow2``) node on its image; over blkdebug (source,
+        target) when a fault is set.  A qcow2 target opens no backing file: the job
+        writes the top layer only."""
         image = {"driver": "file", "filename": str(self.image(role)), **self._discard}
+        node: dict[str, Any] = {"driver": self.image_format(role), "node-name": self.node(role),
+                                **self._discard}
+        if role == "target" and role in self.qcow2:
+            node["backing"] = None
         if self.fault is not None and role in ("source", "target"):
-            return {"driver": "raw", "node-name": self.node(role), **self._discard,
-                    "file": self.fault.blkdebug(role, self.node(f"{role}-debug"), image)}
-        return {"driver": "raw", "node-name": self.node(role), **self._discard, "file": image}
+            return {**node, "file": self.fault.blkdebug(role, self.node(f"{role}-debug"), image)}
+        return {**node, "file": image}
 
     @property
     def _discard(self) -> dict[str, str]:
@@ -149,6 +159,8 @@ class Topology:
             opts["on-cbw-error"] = self.on_cbw_error
         if self.cbw_timeout is not None:
             opts["cbw-timeout"] = self.cbw_timeout
+        if self.min_cluster_size is not None:
+            opts["min-cluster-size"] = self.min_cluster_size
         opts.update(extra)
         return opts
 
@@ -173,8 +185,7 @@ class Topology:
         if self.layout is Layout.FLEECING:
             return None
         if self.layout is Layout.PUSH_FROM_SNAPSHOT:
-            args: dict[str, Any] = {"job-id": self.job, "device": self.snapshot_node,
-                                    "target": self.node("backup"), "sync": "full"}
+            args: dict[str, Any] = self.push_backup_args()
         else:
             args = {"job-id": self.job, "device": self.node("source"),
                     "target": self.node("target"),
@@ -191,6 +202,13 @@ class Topology:
             if value is not None:
                 args[key] = value
         return args
+
+
+    def push_backup_args(self) -> dict[str, Any]:
+        """``blockdev-backup`` of the snapshot-access node to ``backup``, sync=full (a push
+        backup from the fleecing snapshot; any layout with a snapshot)."""
+        return {"job-id": self.job, "device": self.snapshot_node,
+                "target": self.node("backup"), "sync": "full"}
 
 
 def guest_device(kind: str, qdev_id: str, drive: str, *, werror: str | None = None,

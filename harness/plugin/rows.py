@@ -9,6 +9,7 @@ offsets are string keys).  Other parts read these keys: keep them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..block.data import GUEST_WRITES
@@ -23,6 +24,20 @@ FAMILIES = {
     Layout.BACKUP_SYNC_FULL: "backup sync=full",
     Layout.FLEECING: "fleecing",
     Layout.PUSH_FROM_SNAPSHOT: "push from snapshot",
+}
+
+# The families of tests that drive QEMU themselves (no Scenario), by key: a CaseRow's.
+CASE_FAMILIES = {
+    "nbd-read-shapes": "fleecing, read shapes over NBD",
+    "push-read-shapes": "push from snapshot, read shapes (job chunks)",
+    "snapshot-discard": "fleecing, discard on the snapshot",
+    "discard-source": "push from snapshot, discard-source",
+    "sync-top": "backup sync=top (qcow2 over a backing file)",
+    "qcow2-formats": "backup sync=full, qcow2 source and target",
+    "min-cluster-size": "fleecing, min-cluster-size",
+    "drive-backup": "drive-backup sync=full",
+    "paused-across-drains": "backup sync=full, paused job across drains",
+    "two-filters": "fleecing export + backup job on one disk",
 }
 
 
@@ -170,3 +185,66 @@ def guest_disk_row(run: GuestRun, d: DiskRun, source: list[str], target: list[st
             "job": d.job_status or "-", "data": "; ".join(data),
             "family": f"guest, {FAMILIES[disk.layout]}, {disk.kind} {werror}",
             "fault": disk.fault.name, "policy": "", "observation": observation}
+
+
+@dataclass
+class CaseRow:
+    """The summary row of a test that drives QEMU itself (no Scenario).
+
+    The test notes what it sees as it goes, before it checks it, so that a failing
+    case's row shows what QEMU did: the guest's requests (:meth:`guest`), how the job
+    ended (``job``), and each data verdict (:meth:`saw`: "backup" -> "ok", "wrong", or
+    an error text).  ``family`` is a key of :data:`CASE_FAMILIES`.
+    """
+
+    family: str
+    case: str
+    on_cbw_error: str | None = None
+    fault: str = "no-fault"
+    policy: str = ""
+    job: str | None = None
+    requests: dict[str, str | None] = field(default_factory=dict)  # request -> its error
+    verdicts: dict[str, str] = field(default_factory=dict)
+    details: dict[str, dict[str, str]] = field(default_factory=dict)  # see saw_each
+
+    def __post_init__(self) -> None:
+        if self.family not in CASE_FAMILIES:
+            raise KeyError(f"unknown summary family {self.family!r}: add it to "
+                           f"harness/plugin/rows.py CASE_FAMILIES")
+
+    def job_ended(self, event: dict[str, Any]) -> None:
+        """How the job ended, from its BLOCK_JOB_COMPLETED (or CANCELLED) event."""
+        error = event["data"].get("error")
+        self.job = "cancelled" if event["event"] == "BLOCK_JOB_CANCELLED" else \
+            f"failed ({error})" if error else "completed"
+
+    def guest(self, request: str, result: QemuIoResult) -> None:
+        self.requests[request] = result.error
+
+    def saw(self, what: str, verdict: str | bool) -> None:
+        """``verdict``: True/False for the data being what it must be, or the error."""
+        self.verdicts[what] = {True: "ok", False: "wrong"}.get(verdict, str(verdict)) \
+            if isinstance(verdict, bool) else verdict
+
+    def saw_each(self, what: str, verdicts: dict[str, str | bool]) -> None:
+        """Several verdicts of one kind (reads of several shapes): the cell shows "ok" or
+        the first that is not, the observation all of them."""
+        each = {k: {True: "ok", False: "wrong"}.get(v, str(v)) if isinstance(v, bool) else v
+                for k, v in verdicts.items()}
+        self.details[what] = each
+        bad = next((f"{k}: {v}" for k, v in each.items() if v != "ok"), None)
+        self.verdicts[what] = bad or "ok"
+
+    def as_row(self) -> dict[str, Any]:
+        family = CASE_FAMILIES[self.family]
+        failed = [e for e in self.requests.values() if e]
+        guest = "-" if not self.requests else "all ok" if not failed else \
+            f"{len(failed)}/{len(self.requests)} failed: {failed[0]}"
+        scenario = f"{family} / {self.case}" + (f" / {self.fault}" if self.fault != "no-fault"
+                                                else "")
+        return {"scenario": scenario, "on_cbw_error": value_id(self.on_cbw_error),
+                "guest_write": guest, "job": self.job or "-",
+                "data": "; ".join(f"{what} {v}" for what, v in self.verdicts.items()),
+                "family": family, "fault": self.fault, "policy": self.policy,
+                "observation": {"guest_requests": dict(self.requests), "job": self.job,
+                                "data": dict(self.verdicts), "details": dict(self.details)}}

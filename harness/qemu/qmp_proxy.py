@@ -287,6 +287,40 @@ class IgnoringJobYields(Rule):
         return msg
 
 
+_QEMU_IO_TARGET = re.compile(r'^(qemu-io\s+(?:-d\s+)?)(\S+)(\s.*)$', re.S)
+
+
+class BackupBelowFleecingFilter(Rule):
+    """A backup of a copy-before-write node made by blockdev-add backs up the node's
+    file instead, so that its filter goes below the fleecing filter and the
+    snapshot-access node stays on its own; qemu-io on the job's filter goes to the
+    fleecing filter, the top of the disk, so guest writes still meet both."""
+
+    name = "fleecing-export-follows-backup-filter"
+
+    def __init__(self) -> None:
+        self._cbw_files: dict[str, str] = {}  # copy-before-write node -> its file
+        self._tops: dict[str, str] = {}  # the job's filter-node-name -> the fleecing filter
+
+    def client(self, relay: Relay, msg: Message) -> Message | None:
+        args = msg.get("arguments", {})
+        if msg.get("execute") == "blockdev-add" and args.get("driver") == "copy-before-write" \
+                and isinstance(args.get("file"), str):
+            self._cbw_files[args["node-name"]] = args["file"]
+        elif msg.get("execute") == "blockdev-backup" and args.get("device") in self._cbw_files:
+            device = args["device"]
+            if "filter-node-name" in args:
+                self._tops[args["filter-node-name"]] = device
+            note(f"{self.name}: backup of {device} -> of {self._cbw_files[device]}")
+            return {**msg, "arguments": {**args, "device": self._cbw_files[device]}}
+        elif msg.get("execute") == "human-monitor-command":
+            m = _QEMU_IO_TARGET.match(str(args.get("command-line", "")))
+            if m and m.group(2) in self._tops:
+                line = m.group(1) + self._tops[m.group(2)] + m.group(3)
+                return {**msg, "arguments": {**args, "command-line": line}}
+        return msg
+
+
 class ReportsOldVersion(Rule):
     """The build says it is 7.2.22 (a fixed 7.2: the behaviour is the real build's)."""
 
@@ -303,6 +337,12 @@ class SnapshotReadsAsFixed(ReportsOldVersion):
     """The build says it is 7.2.22: its snapshot reads are the real (later) build's."""
 
     name = "snapshot-read-leaving-copied-cluster"
+
+
+class SnapshotDiscardAsFixed(ReportsOldVersion):
+    """The build says it is 7.2.22: its snapshot discards are the real (later) build's."""
+
+    name = "snapshot-discard-unaligned-aborts"
 
 
 _SWAP = {"break-guest-write": "break-snapshot", "break-snapshot": "break-guest-write"}
@@ -331,7 +371,8 @@ class SwapsOnCbwError(Rule):
 
 RULES: dict[str, Callable[[], Rule]] = {r.name: r for r in (
     SyncFullBrokenSnapshotFails, SyncNoneBrokenSnapshotFails, IgnoringJobYields,
-    ReportsOldVersion, SnapshotReadsAsFixed, SwapsOnCbwError)}
+    BackupBelowFleecingFilter,
+    ReportsOldVersion, SnapshotReadsAsFixed, SnapshotDiscardAsFixed, SwapsOnCbwError)}
 
 
 def rewrite_args(rules: list[str], args: list[str]) -> list[str]:

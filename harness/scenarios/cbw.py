@@ -45,6 +45,7 @@ from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
 
 DEVICE = "disk0"
+IOTHREAD = "iothread0"
 # The disk's CHS geometry (4 MiB), given so that the device does not read sector 0 to
 # guess it: that read would consume a one-shot blkdebug rule that names no sector.
 GEOMETRY = {"cyls": 8, "heads": 16, "secs": 64}
@@ -96,6 +97,8 @@ class ScenarioSpec:
     release_speed: int | None = None
     seed: int | None = None  # the source holds seeded_bytes(seed) instead of ORIGINAL
     unmap: bool = False  # every node passes discards down (Topology.unmap)
+    min_cluster_size: int | None = None  # the copy-before-write node's (fleecing layouts)
+    iothread: bool = False  # the guest's disk controller runs in an iothread (backup layouts)
 
     @property
     def policy(self) -> str:
@@ -116,7 +119,7 @@ class ScenarioSpec:
     def topology(self, images: Images) -> Topology:
         return Topology(self.layout, images.folder, on_cbw_error=self.on_cbw_error,
                         cbw_timeout=self.cbw_timeout, fault=self.fault, job=JOB,
-                        unmap=self.unmap)
+                        unmap=self.unmap, min_cluster_size=self.min_cluster_size)
 
     def backup_args(self, topology: Topology) -> dict[str, Any] | None:
         brake = {"speed": 1, "max_chunk": CHUNK} if self.braked else {}
@@ -389,6 +392,9 @@ class Scenario:
         if self.topology.writes_through_device:
             controller, disk = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
             assert controller is not None
+            if self.spec.iothread:
+                args += ["-object", f"iothread,id={IOTHREAD}"]
+                controller["iothread"] = IOTHREAD
             args += ["-S", "-device", json.dumps(controller),
                      "-device", json.dumps({**disk, **GEOMETRY})]
             machine_type = "pc"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import QEMUUnresponsive
+from ..errors import QEMUDied, QEMUUnresponsive
 
 Version = tuple[int, ...]
 
@@ -73,13 +73,14 @@ DEPARTURES: tuple[Departure, ...] = (
         seen_on=("11.1.3",)),
     Departure(
         name="ignore-on-broken-snapshot-livelocks",
-        title="fleecing + push backup from the snapshot + break-snapshot + "
-              "on-source-error=ignore, at full speed",
+        title="a backup job with on-source-error=ignore, at full speed, whose reads fail at "
+              "once: a push backup from a fleecing snapshot broken by break-snapshot, or any "
+              "backup whose source fails reads without I/O (blkdebug immediately)",
         documented="QAPI BlockdevOnError ignore: \"ignore the error, only report a QMP event\"; "
                    "the job retries and QEMU keeps serving QMP, so the job can be cancelled",
-        observed="livelocks: the job retries the failing read of the broken snapshot without "
-                 "yielding (~150,000 BLOCK_JOB_ERROR/s), QEMU answers no QMP command (not even "
-                 "quit) and ignores SIGTERM; only SIGKILL ends it",
+        observed="livelocks: the job retries the failing read without yielding (~150,000 "
+                 "BLOCK_JOB_ERROR/s), QEMU answers no QMP command (not even quit) and ignores "
+                 "SIGTERM; only SIGKILL ends it",
         seen_on=("11.1.3", "10.0.13", "7.2.22"),
         raises=QEMUUnresponsive),
     Departure(
@@ -103,6 +104,31 @@ DEPARTURES: tuple[Departure, ...] = (
                  "(reads that end inside the copied cluster are right)",
         seen_on=("7.2.22",),
         fixed_in=(10, 0)),
+    Departure(
+        name="snapshot-discard-unaligned-aborts",
+        title="a discard on the snapshot-access node that is not aligned to the "
+              "copy-before-write's cluster size",
+        documented="a discard of any byte range is a valid request (qemu-io discard, NBD "
+                   "TRIM); the copy-before-write snapshot discards the clusters it covers "
+                   "whole (QAPI blockdev-backup discard-source, since 9.1, relies on it)",
+        observed="aborts (hbitmap_reset: Assertion `QEMU_IS_ALIGNED(start, gran)' failed)",
+        seen_on=("7.2.22",),
+        fixed_in=(9, 1),  # "block/copy-before-write: support unaligned snapshot-discard",
+        # in the series that added discard-source
+        raises=QEMUDied),
+    Departure(
+        name="fleecing-export-follows-backup-filter",
+        title="blockdev-backup whose device is a fleecing copy-before-write node (a second "
+              "copy-before-write filter on the disk, above the first)",
+        documented="the snapshot-access driver (QAPI BlockdevDriver, since 7.0) on a "
+                   "copy-before-write filter is the fleecing scheme's reader: it sees the "
+                   "filter's disk as it was when the filter was added (paraphrased); "
+                   "blockdev-backup's device is the node to copy",
+        observed="puts the job's filter above every parent of the node, the snapshot-access "
+                 "node too: the fleecing export then reads the backup's snapshot, not its "
+                 "own (the guest's writes made between the fleecing and the backup show, and "
+                 "a fleecing snapshot broken by break-snapshot still serves data)",
+        seen_on=("11.1.3", "10.0.13", "7.2.22")),
 )
 
 _BY_NAME = {d.name: d for d in DEPARTURES}

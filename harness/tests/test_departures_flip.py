@@ -55,6 +55,15 @@ FLIPS = (
          ("iotests/test_request_shapes.py::test_snapshot_read_shape"
           "[omitted-no-fault-unaligned-from-uncopied-into-copied]",),
          real_release="7.2"),
+    Flip("snapshot-discard-unaligned-aborts",
+         ("iotests/test_snapshot_readers.py::test_discard_on_the_snapshot[unaligned]",),
+         ("iotests/test_snapshot_readers.py::test_discard_on_the_snapshot[aligned]",),
+         real_release="7.2"),
+    Flip("fleecing-export-follows-backup-filter",
+         ("iotests/test_job_interplay.py::test_fleecing_export_and_backup_job_on_one_disk"
+          "[backup-on-the-fleecing-filter-no-fault]",),
+         ("iotests/test_job_interplay.py::test_fleecing_export_and_backup_job_on_one_disk"
+          "[backup-below-the-fleecing-filter-no-fault]",)),
 )
 
 
