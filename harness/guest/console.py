@@ -310,17 +310,27 @@ def _take(report: GuestReport, kind: str, rest: str) -> None:
         report.ops.append(op)
 
 
+def _uniform_fill(got: int, md5: str | None, head: bytes | None) -> int | None:
+    """The byte every one of ``got`` bytes read equals, if they are uniform: the first
+    byte, when the md5 of ``got`` copies of it is the read's md5."""
+    if not got or not head or md5 is None:
+        return None
+    return head[0] if pattern_md5(head[0], got) == md5 else None
+
+
 def _result(f: dict[str, str]) -> GuestOp:
     is_read = f["op"] == "read"
-    head = f.get("head")
-    fill = f.get("fill", "-")
+    head_hex = f.get("head")
+    head = bytes.fromhex(head_hex) if is_read and head_hex is not None else None
+    got = int(f["got"]) if is_read else None
+    md5 = f.get("md5") if is_read else None
+    fill = f.get("fill")  # older guests said it; now derived from md5
     return GuestOp(
         index=int(f["i"]), op=f["op"], device=f["dev"], offset=int(f["off"]),
         length=int(f["len"]), rc=int(f["rc"]), errno_text=f.get("err", ""),
         message=f.get("msg", ""), start=float(f["t0"]), end=float(f["t1"]),
         pattern=int(f["pat"], 16) if "pat" in f else None,
-        got=int(f["got"]) if is_read else None,
-        md5=f.get("md5") if is_read else None,
-        head=bytes.fromhex(head) if is_read and head is not None else None,
-        fill=int(fill, 16) if is_read and fill != "-" else None,
+        got=got, md5=md5, head=head,
+        fill=(None if not is_read else _uniform_fill(got or 0, md5, head) if fill is None
+              else int(fill, 16) if fill != "-" else None),
     )

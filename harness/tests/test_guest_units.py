@@ -128,10 +128,10 @@ GOOD_LOG = (
     'err="Input/output error" msg="dd: error writing \'/dev/vda\': Input/output error"\r\n'
     'CBW-KMSG i=1 lvl=6 t=2.5 clocksource: Switched to clocksource tsc\r\n'
     'CBW-RESULT i=1 op=read dev=/dev/vda off=0 len=4096 rc=0 t0=2.96 t1=2.98 got=4096 '
-    'md5=df679e5ec8fb672842974a36d303d0ff head=11111111111111111111111111111111 fill=11 '
+    'md5=df679e5ec8fb672842974a36d303d0ff head=11111111111111111111111111111111 '
     'err="" msg=""\r\n'
     'CBW-RESULT i=2 op=read dev=/dev/vda off=8192 len=512 rc=1 t0=3.0 t1=3.01 got=0 '
-    'md5=d41d8cd98f00b204e9800998ecf8427e head= fill=- err="Input/output error" msg="dd: '
+    'md5=d41d8cd98f00b204e9800998ecf8427e head= err="Input/output error" msg="dd: '
     '/dev/vda: Input/output error"\r\n'
     'CBW-RESULT i=3 op=fsyncwrite dev=/dev/vda off=3 len=1000 rc=0 t0=3.1 t1=3.2 pat=77 '
     'err="" msg=""\r\n'
@@ -139,6 +139,17 @@ GOOD_LOG = (
     '[    3.400000] reboot: Restarting system\r\n'
     'qemu-system-x86_64: Failed flush during close: Input/output error\n'
 )
+
+
+def test_read_is_uniform_only_when_its_md5_says_so() -> None:
+    """The guest reports head and md5; the host tells a uniform read from both."""
+    line = ("CBW-READY t=1\r\nCBW-RESULT i=0 op=read dev=/dev/vda off=0 len=4096 rc=0 t0=1 "
+            "t1=1 got=4096 md5={md5} head=" + "11" * 16 + ' err="" msg=""\r\n'
+            "CBW-DONE ops=1 t=2\r\n")
+    uniform = parse_console(line.format(md5=pattern_md5(0x11, 4096))).check().ops[0]
+    assert uniform.fill == 0x11
+    mixed = parse_console(line.format(md5=pattern_md5(0x11, 4095))).check().ops[0]
+    assert mixed.fill is None and mixed.head == b"\x11" * 16
 
 
 def test_parse_good_log() -> None:
