@@ -114,7 +114,7 @@ for op in $ops; do
 		got=$(wc -c < /tmp/rd 2>/dev/null || echo 0)
 		set -- $(md5sum /tmp/rd)
 		md5=$1
-		first=$(head -c 16 /tmp/rd | xxd -p)
+		first=$(xxd -p -l 16 /tmp/rd)
 		# Whether every byte equals the first: the host tells from md5 (one cmp and
 		# one pattern file less per read; each process costs ~17 ms under TCG).
 		extra="got=$got md5=$md5 head=$first"
