@@ -47,9 +47,13 @@ class QemuIoResult:
     def dumped(self, offset: int, length: int) -> bytes | None:
         """The bytes a ``read -v offset length`` dumped; None if the dump is not exactly
         that range (the read failed, or its output was cut)."""
-        data = bytearray()
-        for m in _DUMP_LINE.finditer(self.output):
-            if int(m.group(1), 16) != offset + len(data):
-                return None
-            data += bytes.fromhex(m.group(2))
-        return bytes(data) if len(data) == length else None
+        lines = _DUMP_LINE.findall(self.output)
+        if not lines:
+            return None if length else b""
+        data = bytes.fromhex("".join(hex_bytes for _, hex_bytes in lines))
+        # Contiguous from offset: every line but the last holds 16 bytes, each at its place.
+        full = all(len(h) == 48 for _, h in lines[:-1])
+        starts = [int(at, 16) for at, _ in lines]
+        if not full or starts != list(range(offset, offset + 16 * len(lines), 16)):
+            return None
+        return data if len(data) == length else None

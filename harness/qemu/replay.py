@@ -47,6 +47,8 @@ DIR = "@DIR@"  # the test's folder in the recorded command line and messages
 # ------------------------------------------------------------ what is compared
 def qemu_io_error(output: str) -> str | None:
     """The error of the first failed qemu-io command in ``output`` (None: all ok)."""
+    if "failed" not in output and "qemu-io:" not in output:
+        return None  # the common case, and a read -v dump's thousands of lines
     for line in output.splitlines():
         m = re.search(r"\b(?:read|write|writev|readv|aio_\w+|flush|discard|"
                       r"write_zeroes|pwrite|pread)\S* failed: (.+)$", line)

@@ -25,7 +25,7 @@ def test_seeded_fill_is_recorded_and_replayed_the_same(tmp_path, qemu_build):
 
 
 DUMP = ("00000010:  aa bb cc dd ee ff 00 11 22 33 44 55 66 77 88 99  ................\n"
-        "00000020:  01 02 03                                         ...\n"
+        "00000020:  01 02 03  ...\n"
         "read 19/19 bytes at offset 16\n")
 
 
