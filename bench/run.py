@@ -2,7 +2,7 @@
 """Benchmarks: what QEMU costs, and what the harness adds on top.
 
     python bench/run.py [--repeat N] [--only NAME ...] [--qemu-release R | --qemu-prog P]
-                        [--make-check]
+                        [--make-check [--jobs N ...]]
 
 Measures, in one run, each as median / min / max of N repeats:
   qemu-bare        QEMU start + QMP handshake + quit, plain qemu.qmp, no harness
@@ -12,8 +12,8 @@ Measures, in one run, each as median / min / max of N repeats:
   scenario:<name>  one copy-before-write scenario, images to verdicts (guest writes,
                    snapshot reads, job to its end, data verdicts)
   guest-boot       a tiny Linux guest from launch to its ready line and power-off
-  make-check       (with --make-check) wall time of one `make check` (guest tests
-                   included), once: it takes minutes
+  make-check-jN    (with --make-check [--jobs N ...]) one `make check` per JOBS value
+                   (guest tests included): wall time, CPU time of all it ran, exit
 Results go to stdout as a table and to bench/results.json.  On a loaded machine
 compare medians, not single runs.
 """
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -155,12 +156,19 @@ def guest_boot(build: builds.QemuBuild, folder: Path) -> Callable[[], object]:
     return lambda: bench_boot(build, folder)
 
 
-def make_check_seconds(jobs: int) -> float:
-    """Wall time of one ``make check`` (the setup steps are instant once done)."""
+def make_check(jobs: int) -> dict[str, float]:
+    """One ``make check`` with ``JOBS=jobs`` (the setup steps are instant once done): its
+    wall time, and the CPU time of everything it ran (which a loaded machine inflates
+    far less than wall time), and its exit status: a failing run measures nothing."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(["make", "-C", str(ROOT), "check", f"JOBS={jobs}"], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    done = subprocess.run(["make", "-C", str(ROOT), "check", f"JOBS={jobs}"], check=False,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"median_ms": round(wall * 1000, 1), "cpu_s": round(cpu, 1), "n": 1,
+            "jobs": jobs, "exit": done.returncode}
 
 
 def stats(samples: list[float]) -> dict[str, float]:
@@ -178,7 +186,8 @@ def main() -> int:
     ap.add_argument("--qemu-prog", default=None)
     ap.add_argument("--make-check", action="store_true",
                     help="also time one `make check` (minutes)")
-    ap.add_argument("--jobs", type=int, default=2, help="make check's JOBS (default 2)")
+    ap.add_argument("--jobs", type=int, nargs="+", default=[2],
+                    help="make check's JOBS (default 2); several: one run each")
     args = ap.parse_args()
     build = builds.select(qemu_prog=args.qemu_prog, release=args.qemu_release)
     only: list[str] | None = args.only
@@ -214,9 +223,11 @@ def main() -> int:
             results["guest-boot"] = stats(timed(guest_boot(build, folder),
                                                 max(3, args.repeat // 5)))
     if args.make_check:
-        seconds = make_check_seconds(args.jobs)
-        results["make-check"] = {"median_ms": round(seconds * 1000, 1), "n": 1,
-                                 "jobs": args.jobs}
+        for jobs in args.jobs:
+            results[f"make-check-j{jobs}"] = checked = make_check(jobs)
+            if checked["exit"]:
+                print(f"make check JOBS={jobs} failed (exit {checked['exit']:g}): its time "
+                      "measures nothing", file=sys.stderr)
     width = max(len(k) for k in results)
     print(f"QEMU {build.qemu_system}")
     for name, r in results.items():
