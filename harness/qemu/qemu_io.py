@@ -16,6 +16,9 @@ _PATTERN_FAILED = re.compile(r"Pattern verification failed at offset (\d+)")
 # read -v: "00100000:  aa 55 ...  .U..": the offset, then up to 16 bytes in hex.
 _DUMP_LINE = re.compile(r"^([0-9a-f]{8,}):  ((?:[0-9a-f]{2} ){1,16})", re.M)
 _READ_DONE = re.compile(r"^read \d+/\d+ bytes at offset (\d+)$", re.M)
+# The time a completed command took by qemu-io's own clock: "1 ops; 00.61 sec (...)" or,
+# from a second on, "1 ops; 0:00:02.00 (...)".  A failed command reports none.
+_ELAPSED = re.compile(r"ops; (?:(\d+):(\d+):(\d+\.\d+)|(\d+\.\d+) sec)")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,16 @@ class QemuIoResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds the (completed) command took inside QEMU, by qemu-io's own report."""
+        m = _ELAPSED.search(self.output)
+        if m is None:
+            return None
+        if m.group(4) is not None:
+            return float(m.group(4))
+        return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
 
     def pattern_reads(self, offsets: Iterable[int]) -> dict[int, bool] | None:
         """For ``read -P`` commands at ``offsets``: does each range hold the pattern?

@@ -42,3 +42,11 @@ def test_dump_of_another_range_or_with_a_gap_is_none():
     assert QemuIoResult("read -v 16 19", gap).dumped(16, 19) is None
     failed = QemuIoResult("read -v 16 19", "read failed: Permission denied")
     assert failed.dumped(16, 19) is None and failed.error == "Permission denied"
+
+
+def test_elapsed_by_qemu_ios_own_clock():
+    short = "wrote 2097152/2097152 bytes at offset 0\n2 MiB, 1 ops; 00.61 sec (3.280 MiB/sec)"
+    long = "wrote 10/10 bytes at offset 4\n10 MiB, 1 ops; 0:01:02.50 (4.996 MiB/sec)"
+    assert QemuIoResult("write", short).elapsed == 0.61
+    assert QemuIoResult("write", long).elapsed == 62.5
+    assert QemuIoResult("write", "write failed: Connection timed out").elapsed is None
