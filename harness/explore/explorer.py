@@ -263,6 +263,9 @@ class Example:
     def _run(self, step: Step) -> None:
         rig, model = self.rig, self.model
         offset, length = step.offset, step.length
+        if step.kind in ("write", "write-zeroes", "discard", "read") and \
+                rig.device is None:
+            model.drained()  # after the request, but nothing of the job runs meanwhile
         if step.kind == "write":
             assert step.pattern is not None
             expected = model.guest_write(offset, length, step.pattern)

@@ -323,6 +323,13 @@ class CbwModel:
             trial.job_set_speed(speed)
         return trial.job_state == "spinning" and trial.spin_errno != errno_mod.EACCES
 
+    def drained(self) -> None:
+        """A qemu-io on a node (fleecing layouts' guest requests and snapshot reads)
+        drains the graph when it lets go of the node: the job pauses for a moment, which
+        abandons a braked job's failed first chunk as a pause does (:meth:`job_pause`)."""
+        if self.job_state == "braked":
+            self.job_failure = None
+
     def job_pause(self) -> None:
         """block-job-pause.  A braked job whose first chunk failed has not reported
         it yet; the pause abandons that copy, and the job retries it when it runs
