@@ -51,7 +51,7 @@ T = TypeVar("T")
 # Where each fault site puts its rule: (role, blkdebug event, iotype).
 _RULE_PLACES = {"source-read": ("source", "read_aio", "read"),
                 "target-write": ("target", "write_aio", "write")}
-COMMAND_TIMEOUT = 3.0   # replies take milliseconds; a livelocked QEMU never replies
+COMMAND_TIMEOUT = 2.0   # replies take milliseconds; a livelocked QEMU never replies
 EVENT_TIMEOUT = 5.0     # a job's next event comes within milliseconds when it comes
 EXAMPLES_PER_QEMU = 100
 CONTROLLER = "scsi0"

@@ -143,7 +143,7 @@ def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     session = ExploreSession(build, workdir / "session")
     try:
         with pytest.raises(Disagreement) as found:
-            run_examples(session, explorer_settings(100, derandomize=True, database=None,
+            run_examples(session, explorer_settings(40, derandomize=True, database=None,
                                                     steps=2), Tally(),
                          focus=Focus((Layout.FLEECING,)))
     finally:
