@@ -15,7 +15,17 @@ import pytest
 
 from harness.block.topology import Layout
 from harness.explore.explorer import Disagreement, Focus, Tally
-from harness.explore.model import CLUSTER, CbwModel, FaultPlan, original_pattern
+from harness.explore.model import (
+    CLUSTER,
+    FLEECING,
+    PUSH,
+    SYNC_FULL,
+    CbwModel,
+    FaultPlan,
+    JobPlan,
+    known_departure,
+    original_pattern,
+)
 from harness.explore.rig import ExploreSession
 from harness.explore.run import (
     explorer_settings,
@@ -160,6 +170,35 @@ def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     for qemu, status in ((build.qemu_system, 1), (qemu_build.qemu_system, 0)):
         replayed = replay(case, qemu)
         assert replayed.returncode == status, replayed.stdout + replayed.stderr
+
+
+def test_model_names_departures_for_the_build_version():
+    """known_departure follows the registry's versions (no QEMU needed)."""
+    assert known_departure(FLEECING, None, "read-leaving-copied", (7, 2, 22)) == \
+        "snapshot-read-leaving-copied-cluster"
+    assert known_departure(FLEECING, None, "read-leaving-copied", (10, 0, 13)) is None
+    assert known_departure(SYNC_FULL, "break-snapshot", "job", (11, 1, 3)) == \
+        "sync-full-broken-snapshot-completes"
+    assert known_departure(SYNC_FULL, "break-guest-write", "job", (11, 1, 3)) is None
+    ignore = JobPlan("ignore")
+    assert known_departure(PUSH, "break-snapshot", "unresponsive", (7, 2, 22), job=ignore,
+                           speed=0) == "ignore-on-broken-snapshot-livelocks"
+    assert known_departure(PUSH, None, "unresponsive", (11, 1, 3), job=ignore,
+                           speed=0) is None
+
+
+def test_model_of_a_braked_sync_full_job():
+    """The model's story of the sync=full departure, and of a flood it avoids."""
+    model = CbwModel("break-snapshot", FaultPlan("target-write", cluster=2), SYNC_FULL)
+    assert model.job_start()  # cluster 0 copied by the braked job
+    assert model.guest_write(2 * CLUSTER, CLUSTER, 0x81).error is None
+    assert model.broken
+    (end,) = model.job_set_speed(0)
+    assert end.kind == "completed" and end.error == "*", end  # must fail, some error
+    persistent = CbwModel(None, FaultPlan("source-read", cluster=3, once=False), SYNC_FULL,
+                          JobPlan("ignore"))
+    persistent.job_start()
+    assert persistent.floods(0) and not persistent.floods(64 << 20)
 
 
 def test_command_line_rejects_a_bad_budget():
