@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ..block.topology import Layout
-from ..errors import QEMUUnresponsive
+from ..errors import CommandFailed, QEMUUnresponsive
 from .model import (
     ANY_ERROR,
     CLUSTER,
@@ -248,6 +248,11 @@ class Example:
             self._run(step)
         except QEMUUnresponsive as exc:
             self._unresponsive(step.describe(), exc)
+        except CommandFailed as exc:  # a job command refused: the job is not as modelled
+            self.rig.job_present = self.rig.job_status() is not None
+            if not self.departed:
+                self._departs("job", step.describe(), f"documented: the command is "
+                              f"accepted (job {self.model.job_state}); observed: {exc}")
 
     def _unresponsive(self, step: str, exc: QEMUUnresponsive) -> None:
         """QEMU stopped answering: a finding (or the known livelock); it is killed and

@@ -349,9 +349,11 @@ class CbwModel:
             self.job_state = "running"
             return []
         self.job_state = "braked" if self.speed == BRAKE else "running"
-        if self.job_state == "braked":
-            return []
-        return self._job_runs()
+        if self.job_state == "braked" and (
+                self.job_failure is not None or
+                any(c not in self.job_done for c in range(CLUSTERS))):
+            return []  # the brake holds it before its next chunk
+        return self._job_runs()  # (braked with nothing left to copy: it completes)
 
     def job_cancel(self) -> list[JobEvent]:
         """block-job-cancel (force): BLOCK_JOB_CANCELLED, the filter goes."""

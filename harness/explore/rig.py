@@ -372,7 +372,7 @@ class CbwRig:
     def close(self) -> None:
         """End the job, remove the example's disk, nodes (top down) and images."""
         if not self.dead:
-            if self.job_present:
+            if self.job_present and self.job_status() is not None:
                 self.cancel_job()
             if self.device is not None:
                 self.vm.cmd("device_del", {"id": self.device})
