@@ -48,13 +48,13 @@ SEED = 11
 # steps are the explorer's own drawing.
 DEPARTURE_HUNTS = {
     "sync-full-broken-snapshot-completes": (
-        Focus((Layout.BACKUP_SYNC_FULL,), ("break-snapshot",)), 200,
+        Focus((Layout.BACKUP_SYNC_FULL,), ("break-snapshot",)), 400,
         "blockdev-backup.on-cbw-error"),
     "sync-none-broken-snapshot-runs-on": (
         Focus((Layout.BACKUP_SYNC_NONE,), ("break-snapshot",)), 40,
         "blockdev-backup.on-cbw-error"),
     "ignore-on-broken-snapshot-livelocks": (
-        Focus((Layout.PUSH_FROM_SNAPSHOT,), ("break-snapshot",), ("ignore",)), 200,
+        Focus((Layout.PUSH_FROM_SNAPSHOT,), ("break-snapshot",), ("ignore",)), 400,
         "copy-before-write.on-cbw-error"),
     "snapshot-read-leaving-copied-cluster": (
         Focus((Layout.FLEECING,), (None,)), 60, "snapshot-access"),
