@@ -1,17 +1,21 @@
 """The explorer: Hypothesis' stateful testing drives a real QEMU and the model side by side.
 
-Each example draws a layout (fleecing, or backup sync=none with its filter), an
-``on-cbw-error`` value and a fault plan, builds a fresh graph
-(:class:`~harness.explore.rig.CbwRig`) in the session's QEMU, then runs a drawn
-sequence of guest writes, snapshot reads (fleecing) and a cancel (sync=none).  Every
-step is checked against :class:`~harness.explore.model.FleecingModel` at once; after
-every step the source image is compared with the model's byte for byte (a sync=none
-target's copied clusters with the point-in-time data, and its job's status), and QEMU
-must answer QMP.  A disagreement raises :class:`Disagreement` (documented vs
-observed), which Hypothesis shrinks to the shortest sequence that shows it.
+Each example draws a layout (fleecing, push backup from the snapshot, backup sync=none
+or sync=full with its filter), an ``on-cbw-error`` value, a fault plan and the job's
+error policies, builds a fresh graph (:class:`~harness.explore.rig.CbwRig`) in the
+session's QEMU and starts the job (braked), then runs a drawn sequence of steps:
+guest writes, write-zeroes and discards, snapshot reads, the job's speed, pause,
+resume and cancel.  :class:`Example` runs each step on QEMU and on
+:class:`~harness.explore.model.CbwModel` and compares at once; after every step the
+source image is compared with the model's byte for byte, the job's status with the
+model's, a backup's copied clusters with the point-in-time data, and QEMU must answer
+QMP.  A disagreement raises :class:`Disagreement` (documented vs observed), which
+Hypothesis shrinks to the shortest sequence that shows it; a known departure is
+counted (:class:`Tally`) and ends the checks of that example.
 
 Offsets and lengths are drawn as cluster numbers and sector counts: small values that
-shrink to short, readable steps (a whole cluster, now and then a sector-aligned part).
+shrink to short, readable steps (a whole cluster; now and then a part of one, two
+clusters, or a few bytes across a cluster boundary).
 """
 
 from __future__ import annotations
@@ -23,55 +27,101 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ..block.topology import Layout
+from ..errors import CommandFailed, QEMUUnresponsive
 from .model import (
+    ANY_ERROR,
     CLUSTER,
     CLUSTERS,
+    CRUISE_SPEED,
     FAULT_ERRNOS,
     FAULT_SITES,
+    JOB_POLICIES,
     ON_CBW_ERROR_VALUES,
+    RELEASE_SPEEDS,
     SECTOR,
+    CbwModel,
     Expected,
     FaultPlan,
-    FleecingModel,
+    JobEvent,
+    JobPlan,
+    clusters_of,
     job_may_run,
     known_departure,
-    original_pattern,
+    original_image,
 )
 from .rig import LAYOUTS, CbwRig, ExploreSession
 
 SECTORS_PER_CLUSTER = CLUSTER // SECTOR
+BRAKED_LAYOUTS = (Layout.BACKUP_SYNC_FULL, Layout.PUSH_FROM_SNAPSHOT)
 
 
 @dataclass(frozen=True)
 class Step:
-    """One step of a sequence, enough to run it again: ``write`` (of ``pattern``) or
-    ``read`` (expecting ``pattern``; None: expecting an error)."""
+    """One step of a sequence, enough to run it again: ``write`` (of ``pattern``),
+    ``write-zeroes``, ``discard``, ``read`` (of the snapshot), ``set-speed``
+    (``value``), ``pause``, ``resume``, ``cancel``."""
 
     kind: str
-    offset: int
-    length: int
-    pattern: int | None
+    offset: int = 0
+    length: int = 0
+    pattern: int | None = None
+    value: int = 0
 
     def describe(self) -> str:
-        if self.kind == "write":
-            return f"guest write {self.pattern:#x} at {self.offset}+{self.length}"
-        if self.kind == "read":
-            return f"snapshot read at {self.offset}+{self.length}"
-        return {"job-status": "query-jobs", "cancel": "block-job-cancel"}[self.kind]
+        where = f"{self.offset}+{self.length}"
+        return {
+            "write": f"guest write {self.pattern or 0:#x} at {where}",
+            "write-zeroes": f"guest write-zeroes at {where}",
+            "discard": f"guest discard at {where}",
+            "read": f"snapshot read at {where}",
+            "set-speed": f"block-job-set-speed {self.value}"
+                         + (" (full speed)" if self.value == 0 else ""),
+            "pause": "block-job-pause", "resume": "block-job-resume",
+            "cancel": "block-job-cancel"}[self.kind]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What an example draws before its steps."""
+
+    layout: Layout
+    on_cbw_error: str | None
+    fault: FaultPlan
+    job: JobPlan = field(default_factory=JobPlan)
+
+    def describe(self) -> str:
+        text = f"{self.layout.value}, on-cbw-error={self.on_cbw_error or 'omitted'}, " \
+               f"{self.fault.describe()}"
+        if self.layout in BRAKED_LAYOUTS:
+            text += f", {self.job.describe()}, job started braked (speed 1, 64 KiB chunks)"
+        return text
+
+
+class GoalMet(Exception):
+    """A run that hunts one known departure (:attr:`Focus.until`) met it: it stops."""
 
 
 class Disagreement(AssertionError):
     """QEMU did not do what the model says it must, in this setting after these steps."""
 
-    def __init__(self, message: str, layout: Layout, on_cbw_error: str | None,
-                 fault: FaultPlan, steps: list[Step]):
-        lines = [describe(layout, on_cbw_error, fault), *(s.describe() for s in steps)]
+    def __init__(self, message: str, setting: Setting, steps: list[Step]):
+        lines = [setting.describe(), *(s.describe() for s in steps)]
         super().__init__(f"{message}\nsequence:\n  " + "\n  ".join(lines))
         self.problem = message
-        self.layout = layout
-        self.on_cbw_error = on_cbw_error
-        self.fault = fault
+        self.setting = setting
         self.steps = list(steps)
+
+    @property
+    def layout(self) -> Layout:
+        return self.setting.layout
+
+    @property
+    def on_cbw_error(self) -> str | None:
+        return self.setting.on_cbw_error
+
+    @property
+    def fault(self) -> FaultPlan:
+        return self.setting.fault
 
 
 @dataclass
@@ -80,6 +130,9 @@ class KnownMet:
 
     departure: str
     step: str
+    problem: str
+    setting: Setting
+    steps: list[Step] = field(default_factory=list)
 
 
 @dataclass
@@ -91,28 +144,325 @@ class Tally:
     known: list[KnownMet] = field(default_factory=list)
 
 
+def _events_agree(expected: list[JobEvent], observed: list[JobEvent]) -> bool:
+    if len(observed) < len([e for e in expected if e.kind != "spinning"]):
+        return False
+    for want, got in zip(expected, observed, strict=False):
+        if want.kind == "spinning":
+            return True
+        if want.kind != got.kind or want.operation != got.operation or \
+                want.action != got.action:
+            return False
+        if want.kind == "completed" and \
+                (got.error is None if want.error == ANY_ERROR else want.error != got.error):
+            return False
+    return True
+
+
+def _describe_events(events: list[JobEvent]) -> str:
+    return ", then ".join(e.describe() for e in events) or "no event"
+
+
+class Example:
+    """One example: a rig and the model, step by step; raises :class:`Disagreement`
+    for anything the model does not expect, records known departures in ``tally``."""
+
+    def __init__(self, rig: CbwRig, setting: Setting, version: tuple[int, ...],
+                 tally: Tally):
+        self.rig = rig
+        self.setting = setting
+        self.version = version
+        self.tally = tally
+        self.model = CbwModel(setting.on_cbw_error, setting.fault, setting.layout.value,
+                              setting.job)
+        self.steps: list[Step] = []
+        self.departed = False  # met a known departure: the model no longer applies
+        self.unresponsive = False
+        self.met: list[KnownMet] = []
+
+    @property
+    def layout(self) -> Layout:
+        return self.setting.layout
+
+    # -------------------------------------------------------------- verdicts
+    def _disagree(self, problem: str) -> Disagreement:
+        return Disagreement(problem, self.setting, self.steps)
+
+    def _departs(self, what: str, step: str, problem: str) -> None:
+        """A disagreement: a known departure is counted (and the model stops there),
+        anything else is raised."""
+        known = known_departure(self.layout.value, self.setting.on_cbw_error, what,
+                                self.version, job=self.setting.job, speed=self.model.speed)
+        if known is None:
+            raise self._disagree(f"{step}: {problem}")
+        self.departed = True
+        met = KnownMet(known, step, problem, self.setting, list(self.steps))
+        self.tally.known.append(met)
+        self.met.append(met)
+
+    def _check(self, step: Step, expected: Expected, error: str | None,
+               data_ok: bool | None = None, *, what: str | None = None) -> None:
+        if self.departed:
+            return
+        problem = None
+        if error != expected.error:
+            problem = (f"documented: {expected.error or 'success'} ({expected.why}); "
+                       f"observed: {error or 'success'}")
+        elif data_ok is False:
+            problem = (f"documented: the point-in-time data ({expected.why}); "
+                       f"observed: other data")
+        if problem is not None:
+            self._departs(what or step.kind, step.describe(), problem)
+
+    def _check_job(self, step: str, expected: list[JobEvent]) -> None:
+        observed = self.rig.job_events(expected) if expected else []
+        if self.departed or _events_agree(expected, observed):
+            return
+        why = next((e.why for e in expected if e.why), "")
+        self._departs("job", step, f"documented: {_describe_events(expected)} ({why}); "
+                                   f"observed: {_describe_events(observed)}")
+
+    # ------------------------------------------------------------------ run
+    def start(self) -> None:
+        """Start the layout's job: sync=none runs; sync=full and push copy their first
+        chunk, then wait for a release."""
+        if not self.layout.has_job:
+            return
+        try:
+            self.rig.start_job()
+            if self.layout is Layout.BACKUP_SYNC_NONE:
+                self.model.job_state = "running"
+                return
+            if self.model.job_start() and not self.rig.first_chunk_copied():
+                self._departs("job", "blockdev-backup", "documented: the braked job copies "
+                              "its first chunk without error; observed: it did not")
+        except QEMUUnresponsive as exc:
+            self._unresponsive("blockdev-backup", exc)
+
+    def run(self, step: Step) -> None:
+        if self.rig.dead:
+            return  # QEMU stopped answering: nothing more to ask it
+        self.steps.append(step)
+        self.tally.steps += 1
+        try:
+            self._run(step)
+        except QEMUUnresponsive as exc:
+            self._unresponsive(step.describe(), exc)
+        except CommandFailed as exc:  # a job command refused: the job is not as modelled
+            self.rig.job_present = self.rig.job_status() is not None
+            if not self.departed:
+                self._departs("job", step.describe(), f"documented: the command is "
+                              f"accepted (job {self.model.job_state}); observed: {exc}")
+
+    def _unresponsive(self, step: str, exc: QEMUUnresponsive) -> None:
+        """QEMU stopped answering: a finding (or the known livelock); it is killed and
+        nothing more is asked of it."""
+        self.unresponsive = True
+        self.rig.abandon()
+        problem = (f"documented: QEMU answers every QMP command; observed: "
+                   f"{exc.message.splitlines()[0]}")
+        if self.departed:
+            return
+        self._departs("unresponsive", step, problem)
+
+    def _run(self, step: Step) -> None:
+        rig, model = self.rig, self.model
+        offset, length = step.offset, step.length
+        if step.kind in ("write", "write-zeroes", "discard", "read") and \
+                rig.device is None:
+            model.drained()  # after the request, but nothing of the job runs meanwhile
+        if step.kind == "write":
+            assert step.pattern is not None
+            expected = model.guest_write(offset, length, step.pattern)
+            self._check(step, expected, rig.guest_write(offset, length, step.pattern).error)
+        elif step.kind == "write-zeroes":
+            expected = model.guest_write(offset, length, 0, kind="write-zeroes")
+            self._check(step, expected, rig.guest_write_zeroes(offset, length).error)
+        elif step.kind == "discard":
+            before = bytes(model.source[offset:offset + length])
+            expected = model.guest_discard(offset, length)
+            result = rig.guest_discard(offset, length)
+            self._check(step, expected, result.error)
+            if result.ok:  # each byte may hold its old data or read as zero
+                actual = rig.source_bytes()[offset:offset + length]
+                if all(a in (b, 0) for a, b in zip(actual, before, strict=True)):
+                    model.source[offset:offset + length] = actual
+        elif step.kind == "read":
+            self._read(step)
+        elif step.kind == "set-speed":
+            expected_events = model.job_set_speed(step.value)
+            rig.set_speed(step.value)
+            self._check_job(step.describe(), expected_events)
+        elif step.kind == "pause":
+            model.job_pause()
+            status = rig.pause_job()
+            if status != "paused" and not self.departed:
+                self._departs("job", "block-job-pause", f"documented: the job pauses; "
+                              f"observed: {status or 'gone'}")
+        elif step.kind == "resume":
+            expected_events = model.job_resume()
+            rig.resume_job()
+            self._check_job("block-job-resume", expected_events)
+        elif step.kind == "cancel":
+            self._cancel()
+
+    def _read(self, step: Step) -> None:
+        """A snapshot read, checked cluster by cluster (one read per cluster it spans:
+        qemu-io checks one pattern per read)."""
+        offset, length = step.offset, step.length
+        image = original_image()
+        spanned = list(clusters_of(offset, length))
+        # Starts in a copied cluster and goes on into one not copied (a departure on
+        # builds before 10.0: QEMU reads it all from the source).
+        leaves_copied = spanned[0] in self.model.copied and \
+            any(c not in self.model.copied for c in spanned[1:])
+        for cluster in spanned:
+            start = max(offset, cluster * CLUSTER)
+            end = min(offset + length, (cluster + 1) * CLUSTER)
+            expected = self.model.snapshot_read(offset, length)
+            part = None if start == offset and end == offset + length else \
+                (start - offset, end - start)
+            result = self.rig.snapshot_read(offset, length, image[start], check=part)
+            verdict = result.pattern_reads([offset])
+            error = None if verdict is not None else result.error
+            data_ok = None if verdict is None else verdict[offset]
+            if leaves_copied and error is None and expected.error is None and \
+                    data_ok is False:
+                self._check(step, expected, error, data_ok, what="read-leaving-copied")
+            else:
+                self._check(step, expected, error, data_ok)
+            if error is not None:
+                break
+
+    def _cancel(self) -> None:
+        """A cancel ends the job, BLOCK_JOB_CANCELLED without error; a sync=none job
+        whose snapshot broke should have failed already."""
+        broken_sync_none = self.layout is Layout.BACKUP_SYNC_NONE and \
+            not job_may_run(self.model)
+        expected = self.model.job_cancel()
+        event, error = self.rig.cancel_job()
+        if self.departed:
+            return
+        ended = f"{event}" + (f" ({error})" if error else "")
+        if broken_sync_none:
+            if event == "BLOCK_JOB_CANCELLED" and not error:
+                self._departs("job", "block-job-cancel", "documented: the job fails once "
+                              "the snapshot broke; observed: a cancel ends it like a good "
+                              "backup")
+            return
+        if event != "BLOCK_JOB_CANCELLED" or error:
+            raise self._disagree(f"block-job-cancel: documented: {expected[0].describe()}; "
+                                 f"observed: {ended}")
+
+    # ----------------------------------------------------------- invariants
+    # "QEMU never dies and always answers": every step is a QMP command, which raises
+    # QEMUDied / QEMUUnresponsive (Machine's bounded waits) if it does not.
+    def check_invariants(self) -> None:
+        if self.departed or self.rig.dead:
+            return
+        try:
+            self._job_status()
+        except QEMUUnresponsive as exc:
+            self._unresponsive("query-jobs", exc)
+            return
+        if not self.departed:
+            self._backup_data()
+        if not self.departed:
+            self._source_data()
+
+    def _job_status(self) -> None:
+        if not self.layout.has_job:
+            return
+        model = self.model
+        status = self.rig.job_status() if self.rig.job_present else None
+        if self.layout is Layout.BACKUP_SYNC_NONE:
+            if not self.rig.job_present:
+                return
+            if job_may_run(model) and status != model_status(model):
+                raise self._disagree(f"query-jobs: documented: {model_status(model)} "
+                                     f"(nothing broke); observed: {status or 'gone'}")
+            if not job_may_run(model) and status == "running":
+                self._departs("job", "query-jobs", "documented: the job fails once the "
+                              "snapshot broke (break-snapshot); observed: still running")
+            return
+        if status != model_status(model):
+            self._departs("job", "query-jobs", f"documented: job {model_status(model) or 'gone'}"
+                          f" ({model.job_state}); observed: {status or 'gone'}")
+
+    def _backup_data(self) -> None:
+        """What the copy-before-write saved, and what a job copied, is the point-in-time
+        data; a job that completed without error holds all of it.  (Fleecing checks its
+        target through snapshot reads.)"""
+        if self.layout is Layout.FLEECING:
+            return
+        image = original_image()
+        if self.layout is Layout.PUSH_FROM_SNAPSHOT:
+            role, clusters = "backup", self.model.job_done
+        else:
+            role, clusters = "target", self.model.copied
+        data = self.rig.image_bytes(role)
+        for cluster in sorted(clusters):
+            span = slice(cluster * CLUSTER, (cluster + 1) * CLUSTER)
+            if data[span] != image[span]:
+                self._departs("data", f"{role} image", f"documented: cluster {cluster} holds "
+                              f"the point-in-time data, it was copied; observed: other data")
+                return
+
+    def _source_data(self) -> None:
+        actual = self.rig.source_bytes()
+        if actual != bytes(self.model.source):
+            first = next(i for i, (a, b) in enumerate(zip(actual, self.model.source,
+                                                          strict=True)) if a != b)
+            raise self._disagree(
+                f"source image differs from the documented data at byte {first} "
+                f"(documented {self.model.source[first]:#x}, observed {actual[first]:#x})")
+
+
+def model_status(model: CbwModel) -> str | None:
+    """The status ``query-jobs`` must show for the model's job (None: gone)."""
+    return {"braked": "running", "running": "running", "spinning": "running",
+            "paused": "paused"}.get(model.job_state)
+
+
+# --------------------------------------------------------------- drawing
 def fault_plans() -> st.SearchStrategy[FaultPlan]:
-    no_fault = st.just(FaultPlan())
+    """A fault three times in four; limited to one cluster four times in five."""
     faults = st.builds(FaultPlan, site=st.sampled_from(FAULT_SITES),
-                       cluster=st.one_of(st.none(), st.integers(0, CLUSTERS - 1)),
+                       cluster=st.sampled_from((None, *range(CLUSTERS))),
                        once=st.booleans(), errno=st.sampled_from(FAULT_ERRNOS))
-    return st.one_of(faults, no_fault)
+    return st.one_of(faults, faults, faults, st.just(FaultPlan()))
 
 
 @st.composite
 def ranges(draw: st.DrawFn) -> tuple[int, int]:
-    """A range within one cluster: mostly the whole cluster, sometimes a sector-aligned
-    part of it (the copy still covers the whole cluster)."""
+    """Mostly a whole cluster; one time in four a sector-aligned part of one; one in
+    eight two whole clusters; one in eight a few bytes across a cluster boundary,
+    unaligned."""
     cluster = draw(st.integers(0, CLUSTERS - 1))
-    if not draw(st.integers(0, 3)):  # one in four
+    shape = draw(st.integers(0, 7))
+    if shape in (1, 2):
         first = draw(st.integers(0, SECTORS_PER_CLUSTER - 1))
         count = draw(st.integers(1, SECTORS_PER_CLUSTER - first))
         return cluster * CLUSTER + first * SECTOR, count * SECTOR
+    if shape == 3 and cluster < CLUSTERS - 1:
+        return cluster * CLUSTER, 2 * CLUSTER
+    if shape == 4 and cluster < CLUSTERS - 1:
+        before = draw(st.integers(1, 2 * SECTOR))
+        after = draw(st.integers(1, 2 * SECTOR))
+        return (cluster + 1) * CLUSTER - before, before + after
     return cluster * CLUSTER, CLUSTER
 
 
-def describe(layout: Layout, on_cbw_error: str | None, fault: FaultPlan) -> str:
-    return f"{layout.value}, on-cbw-error={on_cbw_error or 'omitted'}, {fault.describe()}"
+@dataclass(frozen=True)
+class Focus:
+    """What the explorer draws its settings from: by default everything; a run may
+    narrow it to the setting a recorded departure names (its layout, ``on-cbw-error``
+    value, job policy) and leave the fault plan and the steps to the drawing."""
+
+    layouts: tuple[Layout, ...] = LAYOUTS
+    values: tuple[str | None, ...] = ON_CBW_ERROR_VALUES
+    source_policies: tuple[str | None, ...] = JOB_POLICIES
+    until: str | None = None  # stop (GoalMet) once this known departure is met
 
 
 class CbwExplorer(RuleBasedStateMachine):
@@ -120,150 +470,112 @@ class CbwExplorer(RuleBasedStateMachine):
 
     session: ClassVar[ExploreSession]
     tally: ClassVar[Tally] = Tally()
+    focus: ClassVar[Focus] = Focus()
 
     def __init__(self) -> None:
         super().__init__()
-        self.rig: CbwRig | None = None
-        self.model: FleecingModel | None = None
-        self.steps: list[Step] = []
-        self.departed = False  # met a known departure: the model no longer applies
-        self.layout = Layout.FLEECING
+        self.example: Example | None = None
         self.writes = 0
 
     # --------------------------------------------------------------- set-up
-    @initialize(layout=st.sampled_from(LAYOUTS), fault=fault_plans(), data=st.data())
-    def build_graph(self, layout: Layout, fault: FaultPlan, data: st.DataObject) -> None:
-        values = ON_CBW_ERROR_VALUES
+    @initialize(fault=fault_plans(), data=st.data())
+    def build_graph(self, fault: FaultPlan, data: st.DataObject) -> None:
+        layout = data.draw(st.sampled_from(self.focus.layouts), label="layout")
+        values = self.focus.values
         if layout.uses_backup_on_cbw_error and not self.session.backup_on_cbw_error:
             values = (None,)  # before 10.1 blockdev-backup has no on-cbw-error
         on_cbw_error = data.draw(st.sampled_from(values), label="on_cbw_error")
+        job = JobPlan()
+        if layout in BRAKED_LAYOUTS:
+            job = JobPlan(data.draw(st.sampled_from(self.focus.source_policies),
+                                    label="on_source_error"),
+                          data.draw(st.sampled_from(JOB_POLICIES), label="on_target_error"))
         self.tally.examples += 1
-        self.layout = layout
-        self.model = FleecingModel(on_cbw_error, fault)
-        self.rig = self.session.new_rig(on_cbw_error, fault, layout=layout)
+        setting = Setting(layout, on_cbw_error, fault, job)
+        rig = self.session.new_rig(on_cbw_error, fault, layout=layout, job=job)
+        self.example = Example(rig, setting, self.session.version, self.tally)
+        self.example.start()
+        self._goal()
 
     def teardown(self) -> None:
-        if self.rig is not None:
-            self.rig.close()
+        if self.example is not None:
+            self.example.rig.close()
+
+    def _live(self) -> Example | None:
+        """The example, while its QEMU answers."""
+        if self.example is None or self.example.rig.dead:
+            return None
+        return self.example
+
+    def _step(self, step: Step) -> None:
+        example = self._live()
+        if example is None:
+            return
+        example.run(step)
+        self._goal()
+
+    def _goal(self) -> None:
+        if self.focus.until is not None and self.example is not None and \
+                any(k.departure == self.focus.until for k in self.example.met):
+            raise GoalMet(self.focus.until)
 
     # ---------------------------------------------------------------- steps
-    def _disagree(self, problem: str) -> Disagreement:
-        assert self.model is not None
-        return Disagreement(problem, self.layout, self.model.on_cbw_error, self.model.fault,
-                            self.steps)
-
-    def _departs(self, what: str, step: str, problem: str) -> None:
-        """A disagreement: a known departure is counted (and the model stops there),
-        anything else is raised."""
-        assert self.model is not None
-        known = known_departure(self.layout.value, self.model.on_cbw_error, what)
-        if known is None:
-            raise self._disagree(f"{step}: {problem}")
-        self.departed = True
-        self.tally.known.append(KnownMet(known, step))
-
-    def _check(self, step: Step, expected: Expected, error: str | None,
-               data_ok: bool | None = None) -> None:
-        self.steps.append(step)
-        self.tally.steps += 1
-        if self.departed:
+    # Three rules, each drawing its kind: with one rule per kind, Hypothesis (which
+    # picks rules evenly) would spend most steps on guest I/O and end most jobs early.
+    @rule(data=st.data(), where=ranges())
+    def guest_request(self, data: st.DataObject, where: tuple[int, int]) -> None:
+        """A write (half the time), a write-zeroes, or (fleecing layouts, which pass
+        discards down) a discard."""
+        example = self._live()
+        if example is None:
             return
-        assert self.model is not None
-        problem = None
-        if error != expected.error:
-            problem = (f"documented: {expected.error or 'success'} ({expected.why}); "
-                       f"observed: {error or 'success'}")
-        elif data_ok is False:
-            problem = (f"documented: the point-in-time data {expected.pattern:#x} "
-                       f"({expected.why}); observed: other data")
-        if problem is not None:
-            self._departs(step.kind, step.describe(), problem)
+        kinds = ["write", "write", "write-zeroes",
+                 "discard" if example.layout.has_snapshot else "write"]
+        kind = data.draw(st.sampled_from(kinds), label="request")
+        if kind == "write":
+            self.writes += 1
+            # A new byte per write: stale data shows.
+            self._step(Step("write", *where, pattern=0x80 + self.writes))
+        else:
+            self._step(Step(kind, *where))
 
-    @precondition(lambda self: self.rig is not None)
-    @rule(where=ranges())
-    def guest_write(self, where: tuple[int, int]) -> None:
-        assert self.rig is not None and self.model is not None
-        offset, length = where
-        self.writes += 1
-        pattern = 0x80 + self.writes  # a new byte per write: stale data shows
-        expected = self.model.guest_write(offset, length, pattern)
-        result = self.rig.guest_write(offset, length, pattern)
-        self._check(Step("write", offset, length, pattern), expected, result.error)
-
-    @precondition(lambda self: self.rig is not None and self.layout.has_snapshot)
+    @precondition(lambda self: self.example is not None and self.example.layout.has_snapshot)
     @rule(where=ranges())
     def snapshot_read(self, where: tuple[int, int]) -> None:
-        assert self.rig is not None and self.model is not None
-        offset, length = where
-        expected = self.model.snapshot_read(offset, length)
-        pattern = expected.pattern if expected.pattern is not None else 0
-        result = self.rig.snapshot_read(offset, length, pattern)
-        verdict = result.pattern_reads([offset])
-        error = None if verdict is not None else result.error
-        data_ok = None if verdict is None else verdict[offset]
-        self._check(Step("read", offset, length, expected.pattern), expected, error, data_ok)
+        self._step(Step("read", *where))
 
-    @precondition(lambda self: self.rig is not None and self.rig.job_running)
-    @rule()
-    def cancel(self) -> None:
-        """sync=none: a cancel ends the job, BLOCK_JOB_CANCELLED without error, unless its
-        snapshot broke (then it should have failed already)."""
-        assert self.rig is not None and self.model is not None
-        event, error = self.rig.cancel_job()
-        self.model.detached = True
-        self.steps.append(Step("cancel", 0, 0, None))
-        self.tally.steps += 1
-        if self.departed:
+    @precondition(lambda self: self.example is not None and self.example.rig.job_present)
+    @rule(data=st.data())
+    def job_control(self, data: st.DataObject) -> None:
+        """Release the job (a speed change; most often), pause or resume it, cancel it
+        (least often: it ends the story)."""
+        example = self._live()
+        if example is None:
             return
-        ended = f"{event}" + (f" ({error})" if error else "")
-        if job_may_run(self.model) and (event != "BLOCK_JOB_CANCELLED" or error):
-            raise self._disagree(f"block-job-cancel: documented: BLOCK_JOB_CANCELLED; "
-                                 f"observed: {ended}")
-        if not job_may_run(self.model) and event == "BLOCK_JOB_CANCELLED" and not error:
-            self._departs("job", "block-job-cancel", "documented: the job fails once the "
-                          "snapshot broke; observed: a cancel ends it like a good backup")
+        model = example.model
+        kinds = []
+        if example.layout in BRAKED_LAYOUTS and model.job_state in ("braked", "paused",
+                                                                      "spinning"):
+            kinds += ["set-speed", "set-speed", "set-speed"]
+        if model.job_state in ("braked", "running", "spinning"):
+            kinds.append("pause")
+        if model.job_state == "paused" and not model.floods(model.speed, resume=True):
+            kinds.append("resume")
+        kinds.append("cancel")
+        kind = data.draw(st.sampled_from(kinds), label="job")
+        if kind != "set-speed":
+            self._step(Step(kind))
+            return
+        speed = data.draw(st.sampled_from(RELEASE_SPEEDS), label="speed")
+        if model.floods(speed):
+            speed = CRUISE_SPEED  # see CbwModel.floods
+        self._step(Step("set-speed", value=speed))
 
     # ----------------------------------------------------------- invariants
-    # "QEMU never dies and always answers": every step is a QMP command, which raises
-    # QEMUDied / QEMUUnresponsive (Machine's bounded waits) if it does not.
     @invariant()
-    def job_runs_unless_the_snapshot_broke(self) -> None:
-        """sync=none: the job runs until cancelled, unless its snapshot broke."""
-        if self.rig is None or self.model is None or self.departed or \
-                not self.rig.job_running:
+    def qemu_agrees_with_the_model(self) -> None:
+        example = self._live()
+        if example is None:
             return
-        status = self.rig.job_status()
-        if job_may_run(self.model) and status != "running":
-            raise self._disagree(f"query-jobs: documented: running (nothing broke); "
-                                 f"observed: {status or 'gone'}")
-        if not job_may_run(self.model) and status == "running":
-            self._departs("job", "query-jobs", "documented: the job fails once the snapshot "
-                          "broke (break-snapshot); observed: still running")
-
-    @invariant()
-    def target_holds_the_copied_old_data(self) -> None:
-        """What the copy-before-write saved is the point-in-time data (sync=none: the
-        target is the backup; fleecing checks it through snapshot reads)."""
-        if self.rig is None or self.model is None or self.departed or \
-                self.layout.has_snapshot:
-            return
-        target = self.rig.image_bytes("target")
-        for cluster in sorted(self.model.copied):
-            if target[cluster * CLUSTER:(cluster + 1) * CLUSTER] != \
-                    bytes([original_pattern(cluster)]) * CLUSTER:
-                raise self._disagree(f"target cluster {cluster} does not hold the "
-                                     f"point-in-time data {original_pattern(cluster):#x}, "
-                                     f"though it was copied")
-
-    @invariant()
-    def source_holds_the_model_data(self) -> None:
-        if self.rig is None or self.model is None or self.departed:
-            return
-        actual = self.rig.source_bytes()
-        if actual != bytes(self.model.source):
-            first = next(i for i, (a, b) in enumerate(zip(actual, self.model.source)) if a != b)
-            raise self._disagree(
-                f"source image differs from the documented data at byte {first} "
-                f"(documented {self.model.source[first]:#x}, observed {actual[first]:#x})")
-
-
+        example.check_invariants()
+        self._goal()

@@ -1,25 +1,45 @@
 """The documented copy-before-write semantics, as an oracle the explorer checks QEMU against.
 
-A copy-before-write node over ``source`` with ``target`` (fleecing: added by the user,
-a ``snapshot-access`` node on top; or the filter of a ``blockdev-backup sync=none``
-job), one blkdebug fault plan, and the steps a user takes: guest writes on the
-copy-before-write node, reads of the snapshot, the job's cancel.  For each step
-the model says what QEMU must answer (success, or which error) and what the data must
-be afterwards.  It is written from the documentation (QAPI ``OnCbwError``), not from
-QEMU's code:
+A copy-before-write node over ``source`` with ``target``, made by one of four layouts:
 
-* Before a guest write changes a cluster not yet copied, the old data is copied to the
-  target: read from the source, written to the target (one copy per cluster of 64 KiB,
-  the block-copy cluster size of a raw target).
-* ``break-guest-write`` (and the default): a write whose copy fails fails with the
+* fleecing: added by the user, a ``snapshot-access`` node on top;
+* push from the snapshot: fleecing, plus a ``blockdev-backup sync=full`` job that
+  copies the snapshot to a ``backup`` image;
+* backup sync=none: the filter of a ``blockdev-backup sync=none`` job (its target is
+  the backup);
+* backup sync=full: the filter of a ``blockdev-backup sync=full`` job, which also
+  copies every cluster itself.
+
+Jobs start braked (speed 1, one 64 KiB chunk at a time): the first chunk (cluster 0)
+is copied at once, then the job waits until a speed change releases it.  One blkdebug
+fault plan; the steps a user takes: guest writes, write-zeroes and discards on the
+copy-before-write node (or the guest disk above a job's filter), reads of the
+snapshot, the job's speed, pause, resume and cancel.  For each step the model says
+what QEMU must answer (success, or which error), which job events must follow, and
+what the data must be.  It is written from the documentation (QAPI ``OnCbwError``,
+``BlockdevOnError``, ``BackupCommon``), not from QEMU's code:
+
+* Before a guest write, write-zeroes or discard changes a cluster not yet copied, the
+  old data is copied to the target: read from the source, written to the target
+  (one copy per contiguous run of clusters of 64 KiB, the block-copy cluster size of
+  a raw target).
+* ``break-guest-write`` (and the default): a request whose copy fails fails with the
   copy's error, and the source keeps its old data ("the guest will not be able to
   overwrite areas that cannot be backed up").
-* ``break-snapshot``: the write succeeds ("continue guest write"), the snapshot is
+* ``break-snapshot``: the request goes on ("continue guest write"), the snapshot is
   invalid from then on: every later read of it fails with ``Permission denied``
-  (EACCES), and no further copies are made.
+  (EACCES), no further copies are made, and "any backup or export process based on
+  it will finally fail".
 * Otherwise a snapshot reader gets the point-in-time data byte for byte: from the
-  target where the cluster was copied, else from the source, the same range (whose
-  read may meet the fault plan's source-read rule: then the read fails with that errno).
+  target where the cluster was copied, else from the source (whose read may meet the
+  fault plan's source-read rule: then the read fails with that errno).
+* A job's own I/O error goes through its policy (``on-source-error`` for reads,
+  ``on-target-error`` for writes; ``BLOCK_JOB_ERROR`` with the operation and action):
+  ``report`` ends the job with the error, ``stop`` pauses it until resumed,
+  ``ignore`` retries; ``enospc`` stops on ENOSPC and reports anything else.  A guest
+  request's copy failure is not the job's error (QAPI note on ``BackupCommon``).
+* A job that ends without error (``BLOCK_JOB_COMPLETED`` without ``error``) holds the
+  point-in-time data in its target.  A sync=none job runs until cancelled.
 * QEMU never dies and always answers QMP.
 
 Faults follow blkdebug's rules: an ``inject-error`` rule on the source's ``read_aio``
@@ -28,16 +48,21 @@ first sector or not, ``once`` or persistent, with an errno.  A rule limited to a
 fails an I/O whose range covers that sector.
 
 Known departures of QEMU from this (``harness/scenarios/departures.py``) are named
-here by :func:`known_departure`, so the explorer reports only what is new.
+here by :func:`known_departure`, for the build's version, so the explorer reports
+only what is new.
 """
 
 from __future__ import annotations
 
+import copy
 import errno as errno_mod
 import os
 from dataclasses import dataclass, field
 
+from ..scenarios import departures
+
 KiB = 1024
+MiB = 1024 * KiB
 CLUSTER = 64 * KiB
 CLUSTERS = 4
 IMAGE_SIZE = CLUSTER * CLUSTERS
@@ -45,6 +70,15 @@ SECTOR = 512
 ON_CBW_ERROR_VALUES: tuple[str | None, ...] = (None, "break-guest-write", "break-snapshot")
 FAULT_SITES = ("source-read", "target-write")
 FAULT_ERRNOS = (errno_mod.EIO, errno_mod.ENOSPC)
+JOB_POLICIES: tuple[str | None, ...] = (None, "report", "stop", "ignore", "enospc")
+BRAKE = 1                 # bytes/s: a job copies its first chunk, then waits
+CRUISE_SPEED = 64 * MiB   # a released job that ignores errors retries ~1000 times a second
+RELEASE_SPEEDS = (0, CRUISE_SPEED)
+
+FLEECING = "fleecing"
+PUSH = "push-from-snapshot"
+SYNC_NONE = "backup-sync-none"
+SYNC_FULL = "backup-sync-full"
 
 
 def original_pattern(cluster: int) -> int:
@@ -64,6 +98,17 @@ def error_text(errno: int) -> str:
 
 def clusters_of(offset: int, length: int) -> range:
     return range(offset // CLUSTER, (offset + length - 1) // CLUSTER + 1)
+
+
+def runs(clusters: list[int]) -> list[list[int]]:
+    """``clusters`` (sorted) cut into contiguous runs: one copy request each."""
+    out: list[list[int]] = []
+    for c in clusters:
+        if out and out[-1][-1] == c - 1:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out
 
 
 @dataclass(frozen=True)
@@ -93,31 +138,92 @@ class FaultPlan:
 
 
 @dataclass(frozen=True)
+class JobPlan:
+    """A job's error policies (None: left to the default, report)."""
+
+    on_source_error: str | None = None
+    on_target_error: str | None = None
+
+    def action(self, operation: str, errno: int) -> str:
+        """The BLOCK_JOB_ERROR action for the job's own ``read`` / ``write`` error."""
+        policy = (self.on_source_error if operation == "read" else self.on_target_error) \
+            or "report"
+        if policy == "enospc":
+            return "stop" if errno == errno_mod.ENOSPC else "report"
+        return policy
+
+    def describe(self) -> str:
+        return (f"on-source-error={self.on_source_error or 'omitted'}, "
+                f"on-target-error={self.on_target_error or 'omitted'}")
+
+
+@dataclass(frozen=True)
 class Expected:
     """What one step must answer: ``error`` (qemu-io's text) or success, and for a read
-    the byte every position must hold."""
+    the byte every position must hold (``data``: the bytes, when they vary)."""
 
     error: str | None
     pattern: int | None = None
     why: str = ""
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One thing a job must do next: ``error`` (BLOCK_JOB_ERROR ``operation`` /
+    ``action``), ``completed`` (``error``: the text; ``ANY_ERROR``: some error,
+    unnamed by the documentation), ``cancelled``, ``paused`` (after a stop), or
+    ``spinning`` (it retries an ignored error forever; nothing more to wait for)."""
+
+    kind: str
+    operation: str | None = None
+    action: str | None = None
+    error: str | None = None
+    why: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "error":
+            return f"BLOCK_JOB_ERROR {self.operation}/{self.action}"
+        if self.kind == "completed":
+            return "BLOCK_JOB_COMPLETED" + (" with an error" if self.error == ANY_ERROR else
+                                            f" ({self.error})" if self.error else
+                                            " without error")
+        return {"cancelled": "BLOCK_JOB_CANCELLED", "paused": "paused",
+                "spinning": "retrying", "nothing": "no event within the wait",
+                "gone": "the job gone"}.get(self.kind, f"job {self.kind}")
+
+
+ANY_ERROR = "*"
 
 
 @dataclass
-class FleecingModel:
+class CbwModel:
     """The state the documentation implies: the source's bytes, the clusters copied,
-    whether the snapshot is broken, whether a once-only fault was spent."""
+    whether the snapshot is broken, whether a once-only fault was spent, and the job."""
 
     on_cbw_error: str | None
     fault: FaultPlan
+    layout: str = FLEECING
+    job: JobPlan = field(default_factory=JobPlan)
     source: bytearray = field(default_factory=lambda: bytearray(original_image()))
-    copied: set[int] = field(default_factory=set)
+    copied: set[int] = field(default_factory=set)        # in the copy-before-write target
+    job_done: set[int] = field(default_factory=set)      # in a push job's backup image
     broken: bool = False
     fault_spent: bool = False
     detached: bool = False  # the filter is gone (its job ended): writes are not copied
+    job_state: str = "none"  # none | braked | running | paused | spinning | ended
+    speed: int = BRAKE
+    user_paused: bool = False
+    job_failure: tuple[str, int] | None = None  # a braked job's failed first chunk
+    spin_errno: int | None = None  # the error an ignoring job retries for ever
 
     @property
     def breaks_snapshot(self) -> bool:
         return self.on_cbw_error == "break-snapshot"
+
+    @property
+    def job_present(self) -> bool:
+        return self.job_state not in ("none", "ended")
 
     def _io_fails(self, site: str, offset: int, length: int) -> bool:
         if self.fault_spent or not self.fault.strikes(site, offset, length):
@@ -126,45 +232,202 @@ class FleecingModel:
             self.fault_spent = True
         return True
 
-    def _copy(self, clusters: list[int]) -> bool:
-        """Copy ``clusters`` (contiguous) before a write; False if the copy fails."""
-        offset, length = clusters[0] * CLUSTER, len(clusters) * CLUSTER
+    def _copy(self, run: list[int]) -> bool:
+        """Copy one contiguous run of clusters before a write; False if the copy fails."""
+        offset, length = run[0] * CLUSTER, len(run) * CLUSTER
         if self._io_fails("source-read", offset, length) or \
                 self._io_fails("target-write", offset, length):
             return False
-        self.copied.update(clusters)
+        self.copied.update(run)
+        if self.layout == SYNC_FULL:
+            self.job_done.update(run)  # the job finds them copied
         return True
 
-    def guest_write(self, offset: int, length: int, pattern: int) -> Expected:
-        """A write of ``pattern`` through the copy-before-write node."""
+    # ---------------------------------------------------------- guest requests
+    def guest_write(self, offset: int, length: int, pattern: int, *,
+                    kind: str = "write") -> Expected:
+        """A write of ``pattern`` (write-zeroes: 0) through the copy-before-write node."""
         pending = [] if self.detached else \
             [c for c in clusters_of(offset, length) if c not in self.copied]
-        if pending and not self.broken and not self._copy(pending):
-            if not self.breaks_snapshot:
-                return Expected(error_text(self.fault.errno),
-                                why="break-guest-write: the copy failed, so the write must "
-                                    "fail with the copy's error and leave the source as it was")
-            self.broken = True
+        if pending and not self.broken:
+            for run in runs(pending):
+                if self._copy(run):
+                    continue
+                if not self.breaks_snapshot:
+                    return Expected(error_text(self.fault.errno),
+                                    why=f"break-guest-write: the copy failed, so the {kind} "
+                                        f"must fail with the copy's error and leave the "
+                                        f"source as it was")
+                self.broken = True
+                break
         self.source[offset:offset + length] = bytes([pattern]) * length
-        why = ("break-snapshot: the copy failed, the write goes on and the snapshot breaks"
+        why = (f"break-snapshot: the copy failed, the {kind} goes on and the snapshot breaks"
                if self.broken and pending else "the old data is saved (or was)")
         return Expected(None, why=why)
 
+    def guest_discard(self, offset: int, length: int) -> Expected:
+        """A discard: copied first as a write; afterwards the range may read as its old
+        data or zeroes (the caller accepts either, then records what is there)."""
+        return self.guest_write(offset, length, 0, kind="discard")
+
+    # ---------------------------------------------------------- snapshot reads
+    def point_in_time(self, offset: int, length: int) -> bytes:
+        return original_image()[offset:offset + length]
+
     def snapshot_read(self, offset: int, length: int) -> Expected:
-        """A read of the snapshot within one cluster: the point-in-time bytes, or an error."""
-        (cluster,) = clusters_of(offset, length)
+        """A read of the snapshot: the point-in-time bytes, or an error."""
         if self.broken:
             return Expected(error_text(errno_mod.EACCES),
                             why="break-snapshot: once a copy failed, every snapshot read fails")
-        if cluster not in self.copied and \
-                self._io_fails("source-read", offset, length):
-            return Expected(error_text(self.fault.errno),
-                            why="the snapshot reads this uncopied cluster from the source, "
-                                "whose read meets the fault")
-        return Expected(None, original_pattern(cluster), why="the point-in-time data")
+        uncopied = [c for c in clusters_of(offset, length) if c not in self.copied]
+        for run in runs(uncopied):
+            start = max(offset, run[0] * CLUSTER)
+            end = min(offset + length, (run[-1] + 1) * CLUSTER)
+            if self._io_fails("source-read", start, end - start):
+                return Expected(error_text(self.fault.errno),
+                                why="the snapshot reads this uncopied range from the "
+                                    "source, whose read meets the fault")
+        (first, *_) = clusters_of(offset, length)
+        return Expected(None, original_pattern(first), why="the point-in-time data",
+                        data=self.point_in_time(offset, length))
+
+    # ---------------------------------------------------------------- the job
+    def job_start(self) -> bool:
+        """A sync=full or push job starts braked: it copies cluster 0, then waits.
+        True if that copy succeeds.  A failure is not reported yet: the brake holds
+        the job before it looks at the result (the release reports it)."""
+        self.job_state = "braked"
+        self.speed = BRAKE
+        self.job_failure = self._job_copy(0)
+        return self.job_failure is None
+
+    def job_set_speed(self, speed: int) -> list[JobEvent]:
+        self.speed = speed
+        if self.job_state == "braked" and speed != BRAKE:
+            self.job_state = "running"
+            return self._job_runs()
+        return []
+
+    def floods(self, speed: int, *, resume: bool = False) -> bool:
+        """Would this speed change (or a resume at it) leave the job retrying an
+        ignored blkdebug error at full speed?  It then sends >100,000 BLOCK_JOB_ERROR
+        events a second, more than the harness can read: the reply to the next command
+        waits behind them.  (A broken snapshot's EACCES at full speed is the recorded
+        livelock, not a flood: that one is drawn.)"""
+        if speed != 0:
+            return False
+        trial = copy.deepcopy(self)
+        if resume:
+            trial.job_resume()
+        else:
+            trial.job_set_speed(speed)
+        return trial.job_state == "spinning" and trial.spin_errno != errno_mod.EACCES
+
+    def drained(self) -> None:
+        """A qemu-io on a node (fleecing layouts' guest requests and snapshot reads)
+        drains the graph when it lets go of the node: the job pauses for a moment, which
+        abandons a braked job's failed first chunk as a pause does (:meth:`job_pause`)."""
+        if self.job_state == "braked":
+            self.job_failure = None
+
+    def job_pause(self) -> None:
+        """block-job-pause.  A braked job whose first chunk failed has not reported
+        it yet; the pause abandons that copy, and the job retries it when it runs
+        again (no error to report: the retry may well succeed)."""
+        self.user_paused = True
+        if self.job_state == "braked":
+            self.job_failure = None
+        if self.job_state in ("braked", "running", "spinning"):
+            self.job_state = "paused"
+
+    def job_resume(self) -> list[JobEvent]:
+        """block-job-resume: the job goes on where it was; after a stop, it retries."""
+        self.user_paused = False
+        if self.job_state != "paused":
+            return []
+        if self.layout == SYNC_NONE:
+            self.job_state = "running"
+            return []
+        self.job_state = "braked" if self.speed == BRAKE else "running"
+        if self.job_state == "braked" and (
+                self.job_failure is not None or
+                any(c not in self.job_done for c in range(CLUSTERS))):
+            return []  # the brake holds it before its next chunk
+        return self._job_runs()  # (braked with nothing left to copy: it completes)
+
+    def job_cancel(self) -> list[JobEvent]:
+        """block-job-cancel (force): BLOCK_JOB_CANCELLED, the filter goes."""
+        self.job_state = "ended"
+        self._detach()
+        return [JobEvent("cancelled", why="a cancelled job ends with BLOCK_JOB_CANCELLED")]
+
+    def _job_copy(self, cluster: int) -> tuple[str, int] | None:
+        """The job's copy of ``cluster``: None, or the failed operation and errno."""
+        offset = cluster * CLUSTER
+        if self.layout == PUSH and self.broken:
+            return ("read", errno_mod.EACCES)
+        if not (self.layout == PUSH and cluster in self.copied) and \
+                self._io_fails("source-read", offset, CLUSTER):
+            return ("read", self.fault.errno)  # (a push job reads copied clusters
+            # from the target, which has no read fault)
+        if self.layout == SYNC_FULL and self._io_fails("target-write", offset, CLUSTER):
+            return ("write", self.fault.errno)
+        self.job_done.add(cluster)
+        if self.layout == SYNC_FULL:
+            self.copied.add(cluster)
+        return None
+
+    def _job_runs(self) -> list[JobEvent]:
+        """A released job reports the failure it stopped on, if any; then copies what
+        is left (one request per cluster, issued together; the first failure is its
+        BLOCK_JOB_ERROR), then ends."""
+        if self.layout == SYNC_NONE:
+            return []
+        failure, self.job_failure = self.job_failure, None
+        if failure is None:
+            for cluster in [c for c in range(CLUSTERS) if c not in self.job_done]:
+                failed = self._job_copy(cluster)
+                if failed is not None and failure is None:
+                    failure = failed
+                    if failed[1] == errno_mod.EACCES:
+                        break  # a broken snapshot fails at once: nothing else was issued
+        if failure is not None:
+            return self._job_error(*failure)
+        self.job_state = "ended"
+        self._detach()
+        if self.layout == SYNC_FULL and self.broken:
+            return [JobEvent("completed", error=ANY_ERROR,
+                             why="break-snapshot: the snapshot broke, so the backup based "
+                                 "on it must finally fail")]
+        return [JobEvent("completed", why="every cluster copied without error")]
+
+    def _job_error(self, operation: str, code: int) -> list[JobEvent]:
+        """The job's own I/O failed: BLOCK_JOB_ERROR, then what its policy says."""
+        action = self.job.action(operation, code)
+        error = JobEvent("error", operation, action,
+                         why=f"the job's own {operation} failed ({error_text(code)}): its "
+                             f"policy says {action}")
+        if action == "report":
+            self.job_state = "ended"
+            self._detach()
+            return [error, JobEvent("completed", error=error_text(code),
+                                    why="report: the job ends with the error")]
+        if action == "stop":
+            self.job_state = "paused"
+            return [error, JobEvent("paused", why="stop: the job pauses until resumed")]
+        if code != errno_mod.EACCES and self.fault.once:
+            return [error, *self._job_runs()]  # the fault is spent: the retry copies
+        self.job_state = "spinning"
+        self.spin_errno = code
+        return [error, JobEvent("spinning", why="ignore: the job retries the failing "
+                                                "request for ever")]
+
+    def _detach(self) -> None:
+        if self.layout in (SYNC_NONE, SYNC_FULL):
+            self.detached = True
 
 
-def job_may_run(model: FleecingModel) -> bool:
+def job_may_run(model: CbwModel) -> bool:
     """A ``blockdev-backup sync=none`` job (whose filter is the copy-before-write node):
     may it still be running?  Not once its snapshot broke: break-snapshot "will make
     the provided snapshot state invalid and any backup or export process based on it
@@ -172,16 +435,25 @@ def job_may_run(model: FleecingModel) -> bool:
     return not model.broken
 
 
-def known_departure(layout: str, on_cbw_error: str | None, what: str) -> str | None:
+def known_departure(layout: str, on_cbw_error: str | None, what: str,
+                    version: tuple[int, ...], *, job: JobPlan | None = None,
+                    speed: int | None = None) -> str | None:
     """The recorded departure (its name in ``harness/scenarios/departures.py``) that a
-    disagreement about ``what`` (``job``, ``write``, ``read``, ``data``) in this setting
-    is, if any; None: it is new.
-
-    The fleecing layout's writes and reads meet none of the recorded departures; a
-    sync=none job that runs on, or is cancelled like a good backup, after its snapshot
-    broke is ``sync-none-broken-snapshot-runs-on``.  (The others, sync=full completing,
-    the push backup's ignore livelock, cbw-timeout, lie in settings the explorer does not
-    draw yet.)"""
-    if layout == "backup-sync-none" and on_cbw_error == "break-snapshot" and what == "job":
-        return "sync-none-broken-snapshot-runs-on"
-    return None
+    disagreement about ``what`` in this setting is, on a build of ``version``, if any;
+    None: it is new.  ``what``: ``job`` (the job's events or status), ``data`` (a
+    finished job's target), ``unresponsive`` (QEMU stopped answering QMP),
+    ``read-leaving-copied`` (a snapshot read that starts in a copied cluster and goes
+    on into one not copied), ``write``, ``read``."""
+    name = None
+    if layout == SYNC_NONE and on_cbw_error == "break-snapshot" and what == "job":
+        name = "sync-none-broken-snapshot-runs-on"
+    elif layout == SYNC_FULL and on_cbw_error == "break-snapshot" and what in ("job", "data"):
+        name = "sync-full-broken-snapshot-completes"
+    elif layout == PUSH and on_cbw_error == "break-snapshot" and what == "unresponsive" \
+            and job is not None and job.on_source_error == "ignore" and speed == 0:
+        name = "ignore-on-broken-snapshot-livelocks"
+    elif layout in (FLEECING, PUSH) and what == "read-leaving-copied":
+        name = "snapshot-read-leaving-copied-cluster"
+    if name is None or not departures.get(name).applies_to(version):
+        return None
+    return name

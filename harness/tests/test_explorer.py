@@ -1,25 +1,64 @@
 """The scenario explorer (harness/explore) against real QEMU: it agrees with the default
-build on a fixed derandomised budget, its examples do not leak into each other, and it
-catches a planted regression and shrinks it to a step or two."""
+build on a fixed budget, finds each recorded departure of the build by its own
+drawing and writes a reproducer for it that exits 1 standalone, its examples do not
+leak into each other, and it catches a planted regression and shrinks it to a step
+or two."""
 
 from __future__ import annotations
 
 import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from harness.explore.explorer import Disagreement, Tally
-from harness.explore.model import CLUSTER, FaultPlan, FleecingModel, original_pattern
+from harness.block.topology import Layout
+from harness.explore.explorer import Disagreement, Focus, Tally
+from harness.explore.model import (
+    CLUSTER,
+    FLEECING,
+    PUSH,
+    SYNC_FULL,
+    CbwModel,
+    FaultPlan,
+    JobPlan,
+    known_departure,
+    original_pattern,
+)
 from harness.explore.rig import ExploreSession
-from harness.explore.run import explorer_settings, run_examples, write_reproducer
+from harness.explore.run import (
+    explorer_settings,
+    run_examples,
+    shortest_known,
+    write_reproducer,
+)
 from harness.qemu import builds
+from harness.scenarios import departures
 from harness.simulate import make_build
 
 pytestmark = pytest.mark.selftest
 
-CHECK_EXAMPLES = 200  # ~10 s alone on 2 cores
+CHECK_EXAMPLES = 100  # every layout, a fixed seed: ~10 s alone on 2 cores
+SEED = 11
+
+# Each recorded departure the explorer can meet: the setting its registry entry names
+# (layout, on-cbw-error, job policy), the examples a fixed seed needs at most to meet
+# it there, and the build capability that setting needs.  The fault plan and the
+# steps are the explorer's own drawing.
+DEPARTURE_HUNTS = {
+    "sync-full-broken-snapshot-completes": (
+        Focus((Layout.BACKUP_SYNC_FULL,), ("break-snapshot",)), 400,
+        "blockdev-backup.on-cbw-error"),
+    "sync-none-broken-snapshot-runs-on": (
+        Focus((Layout.BACKUP_SYNC_NONE,), ("break-snapshot",)), 40,
+        "blockdev-backup.on-cbw-error"),
+    "ignore-on-broken-snapshot-livelocks": (
+        Focus((Layout.PUSH_FROM_SNAPSHOT,), ("break-snapshot",), ("ignore",)), 400,
+        "copy-before-write.on-cbw-error"),
+    "snapshot-read-leaving-copied-cluster": (
+        Focus((Layout.FLEECING,), (None,)), 60, "snapshot-access"),
+}
 
 
 @pytest.fixture
@@ -29,18 +68,51 @@ def session(qemu_build, workdir):
     s.close()
 
 
+def replay(case: Path, qemu: Path) -> subprocess.CompletedProcess[str]:
+    """The reproducer, standalone, as a QEMU developer runs it."""
+    return subprocess.run([sys.executable, str(case.parent / "replay.py"), str(qemu)],
+                          capture_output=True, text=True, timeout=120, cwd=case.parent)
+
+
 def test_explorer_finds_nothing_new_on_the_build(session):
     """make check's explorer run: any disagreement with the model fails it (known
     departures are counted, not failed)."""
     tally = Tally()
-    run_examples(session, explorer_settings(CHECK_EXAMPLES, derandomize=True, database=None),
-                 tally)
+    run_examples(session, explorer_settings(CHECK_EXAMPLES, derandomize=False, database=None),
+                 tally, seed=SEED)
     assert tally.examples >= CHECK_EXAMPLES
-    assert tally.steps > tally.examples  # sequences, not just set-ups
-    # The budget reaches the recorded departure of its layouts, and names it.
-    if session.backup_on_cbw_error:
-        assert {k.departure for k in tally.known} == {"sync-none-broken-snapshot-runs-on"}
-    assert session.node_names() == []  # every example removed its nodes
+    assert tally.steps > 3 * tally.examples  # sequences, not just set-ups
+    known = {k.departure for k in tally.known}
+    assert all(departures.get(name).applies_to(session.version) for name in known), known
+    if session.vm is not None:
+        assert session.node_names() == []  # every example removed its nodes
+
+
+@pytest.mark.parametrize("name", list(DEPARTURE_HUNTS))
+def test_explorer_finds_the_recorded_departure(qemu_build, build_info, workdir, name):
+    """Drawing in the setting the registry names, the explorer meets the departure
+    within a fixed budget and names it; its reproducer, run standalone, exits 1."""
+    focus, budget, capability = DEPARTURE_HUNTS[name]
+    if not departures.get(name).applies_to(build_info.version_tuple):
+        pytest.skip(f"departure {name} does not apply to QEMU {build_info.version}")
+    if not build_info.has(capability):
+        pytest.skip(f"build lacks capability {capability!r} ({build_info.version})")
+    session = ExploreSession(qemu_build, workdir / "session")
+    tally = Tally()
+    try:
+        run_examples(session, explorer_settings(budget, derandomize=False, database=None,
+                                                shrink=False),
+                     tally, focus=Focus(focus.layouts, focus.values, focus.source_policies,
+                                        until=name), seed=SEED)
+    finally:
+        session.close()
+    met = [m for m in shortest_known(tally) if m.departure == name]
+    assert met, f"{name} not met in {tally.examples} examples: {tally.known[:3]}"
+    case = write_reproducer(qemu_build, workdir / "known", met[0])
+    head = (case.parent / "replay.py").read_text().split('"""', 1)[0]
+    assert f"# known departure: {name}" in head and "# steps:" in head, head
+    replayed = replay(case, qemu_build.qemu_system)
+    assert replayed.returncode == 1, replayed.stdout + replayed.stderr
 
 
 def test_examples_share_a_qemu_but_nothing_else(session, workdir):
@@ -55,15 +127,19 @@ def test_examples_share_a_qemu_but_nothing_else(session, workdir):
     assert session.node_names() == []
     assert not any(workdir.glob("x1-*.raw"))
 
-    second = session.new_rig(None, FaultPlan())
+    second = session.new_rig(None, FaultPlan(), layout=Layout.BACKUP_SYNC_FULL)
     assert second.topology.node("cbw") != first.topology.node("cbw")
-    model = FleecingModel(None, FaultPlan())
-    for cluster in (0, 1):
+    second.start_job()
+    assert second.first_chunk_copied()
+    model = CbwModel(None, FaultPlan())
+    for cluster in (1, 2):
         assert second.guest_write(cluster * CLUSTER, CLUSTER, 0x90).ok
         model.guest_write(cluster * CLUSTER, CLUSTER, 0x90)
-        read = second.snapshot_read(cluster * CLUSTER, CLUSTER, original_pattern(cluster))
-        assert read.pattern_reads([cluster * CLUSTER]) == {cluster * CLUSTER: True}, read.output
     assert second.source_bytes() == bytes(model.source)
+    target = second.image_bytes("target")
+    for cluster in (0, 1, 2):  # the job's first chunk, then the two copies
+        assert target[cluster * CLUSTER:(cluster + 1) * CLUSTER] == \
+            bytes([original_pattern(cluster)]) * CLUSTER
     second.close()
     assert session.node_names() == []
 
@@ -77,8 +153,9 @@ def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     session = ExploreSession(build, workdir / "session")
     try:
         with pytest.raises(Disagreement) as found:
-            run_examples(session, explorer_settings(100, derandomize=True, database=None,
-                                                    steps=2), Tally())
+            run_examples(session, explorer_settings(40, derandomize=True, database=None,
+                                                    steps=2), Tally(),
+                         focus=Focus((Layout.FLEECING,)))
     finally:
         session.close()
     shrunk = found.value
@@ -91,10 +168,37 @@ def test_explorer_catches_the_planted_swap_and_shrinks_it(qemu_build, workdir):
     case = write_reproducer(build, workdir / "finding", shrunk)
     assert shrunk.problem in (case.parent / "SUMMARY.txt").read_text()
     for qemu, status in ((build.qemu_system, 1), (qemu_build.qemu_system, 0)):
-        replayed = subprocess.run([sys.executable, str(case.parent / "replay.py"), str(qemu),
-                                   "--case", case.name], capture_output=True, text=True,
-                                  timeout=120, cwd=case.parent)
+        replayed = replay(case, qemu)
         assert replayed.returncode == status, replayed.stdout + replayed.stderr
+
+
+def test_model_names_departures_for_the_build_version():
+    """known_departure follows the registry's versions (no QEMU needed)."""
+    assert known_departure(FLEECING, None, "read-leaving-copied", (7, 2, 22)) == \
+        "snapshot-read-leaving-copied-cluster"
+    assert known_departure(FLEECING, None, "read-leaving-copied", (10, 0, 13)) is None
+    assert known_departure(SYNC_FULL, "break-snapshot", "job", (11, 1, 3)) == \
+        "sync-full-broken-snapshot-completes"
+    assert known_departure(SYNC_FULL, "break-guest-write", "job", (11, 1, 3)) is None
+    ignore = JobPlan("ignore")
+    assert known_departure(PUSH, "break-snapshot", "unresponsive", (7, 2, 22), job=ignore,
+                           speed=0) == "ignore-on-broken-snapshot-livelocks"
+    assert known_departure(PUSH, None, "unresponsive", (11, 1, 3), job=ignore,
+                           speed=0) is None
+
+
+def test_model_of_a_braked_sync_full_job():
+    """The model's story of the sync=full departure, and of a flood it avoids."""
+    model = CbwModel("break-snapshot", FaultPlan("target-write", cluster=2), SYNC_FULL)
+    assert model.job_start()  # cluster 0 copied by the braked job
+    assert model.guest_write(2 * CLUSTER, CLUSTER, 0x81).error is None
+    assert model.broken
+    (end,) = model.job_set_speed(0)
+    assert end.kind == "completed" and end.error == "*", end  # must fail, some error
+    persistent = CbwModel(None, FaultPlan("source-read", cluster=3, once=False), SYNC_FULL,
+                          JobPlan("ignore"))
+    persistent.job_start()
+    assert persistent.floods(0) and not persistent.floods(64 << 20)
 
 
 def test_command_line_rejects_a_bad_budget():
