@@ -128,6 +128,7 @@ class ExploreSession:
                 layout: Layout = Layout.FLEECING, job: JobPlan | None = None) -> CbwRig:
         self.examples += 1
         vm = self.machine()
+        vm.forget_events()  # the earlier examples' events: nothing waits for them
         return CbwRig(vm, example_topology(self.workdir, self.examples, on_cbw_error, layout),
                       fault, job or JobPlan())
 

@@ -543,6 +543,16 @@ class Machine:
         """Every event received so far, in order (up to :data:`MAX_KEPT_EVENTS` of a name)."""
         return list(self._events)
 
+    def forget_events(self) -> None:
+        """Drop the events received so far: no later wait or listing sees them (the QMP
+        log keeps them).  For a machine that serves many cases in turn, whose waits
+        would otherwise scan every earlier case's events again (the explorer's)."""
+        self._events.clear()
+        self._consumed.clear()
+        self._unconsumed_from = 0
+        self._kept_by_name.clear()
+        self._wait_of_event.clear()
+
     def events_named(self, name: str, data: Mapping[str, Any] | None = None
                      ) -> list[dict[str, Any]]:
         return [e for e in self._events if event_matches(e, name, data)]

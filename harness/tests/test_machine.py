@@ -249,3 +249,19 @@ def test_probe_is_cached_per_set_of_binaries_and_redone_when_one_changes(
     wrappers["qemu-io"].write_text(wrappers["qemu-io"].read_text() + "# rebuilt\n")
     probe.probe(build)
     assert len(asked) == 2, "a changed binary must be probed again"
+
+
+def test_forgotten_events_are_neither_awaited_nor_listed(launch_vm):
+    vm = launch_vm()
+    vm.cmd("stop")
+    vm.wait_event("STOP")
+    vm.cmd("cont")  # RESUME, not awaited
+    vm.wait_event("RESUME")  # received; consumed here only to know it came
+    vm.cmd("stop")
+    assert vm.events_named("STOP")
+    vm.forget_events()
+    assert vm.events == [] and vm.events_named("STOP") == []
+    with pytest.raises(WaitTimeout):
+        vm.wait_event("STOP", timeout=0.2)
+    vm.cmd("cont")
+    assert vm.wait_event("RESUME")["event"] == "RESUME"  # later events as before
