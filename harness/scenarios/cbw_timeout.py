@@ -234,7 +234,11 @@ class TimeoutFleecing:
         self.images.write(self.source, ORIGINAL, 0, IMAGE_SIZE, "raw")
         self.images.create(self.target.name, IMAGE_SIZE, "raw")
         controller, _ = self._device()
-        args = ["-device", json.dumps(controller)]
+        # -S: no firmware runs.  A running SeaBIOS probes and resets the SCSI disk, and
+        # that reset drains the disk, waiting (vCPU holding the BQL: QMP too) for a
+        # timed-out copy still running behind the throttle: under CPU load the reset
+        # came late enough to stall a write or query-status ~5 s (bench/monitor_stall.py).
+        args = ["-S", "-device", json.dumps(controller)]
         for node in self.topology.image_nodes():
             args += ["-blockdev", json.dumps(node)]
         self.vm = self.launch_vm(args, name="vm", command_timeout=self.plan.command_timeout)
