@@ -32,15 +32,14 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness.qemu import builds
-from harness.qemu.machine import Machine, supports_monitor_object
+from harness.qemu.machine import Machine, launcher, supports_monitor_object
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -136,17 +135,10 @@ def scenario_runner(build: builds.QemuBuild, folder: Path, name: str) -> Callabl
                             fault=cbw.Fault("target-write", once=True))
 
     def once() -> None:
-        started: list[Machine] = []
-
-        def launch(args: Sequence[str], *, name: str = "vm", **kw: Any) -> Machine:
-            vm = Machine(build, folder, name=name, args=args, **kw)
-            started.append(vm)
-            return vm.launch()
         try:
-            cbw.run(cbw.Scenario(launch, Images(build, folder), spec))
+            with launcher(build, folder) as launch:
+                cbw.run(cbw.Scenario(launch, Images(build, folder), spec))
         finally:
-            for vm in started:
-                vm.shutdown()
             (folder / "images.jsonl").unlink(missing_ok=True)
     return once
 

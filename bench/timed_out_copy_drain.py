@@ -26,40 +26,29 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness.block.images import Images
 from harness.qemu import builds
-from harness.qemu.machine import Machine
+from harness.qemu.machine import launcher
 from harness.scenarios.cbw_timeout import REGION_B, TimeoutFleecing, TimeoutPlan
 
 
 def measure(build: builds.QemuBuild) -> str:
-    with tempfile.TemporaryDirectory(prefix="cbw-drain-") as tmp:
-        folder = Path(tmp)
-        started: list[Machine] = []
-
-        def launch(args: list[str], *, name: str = "vm", **kwargs: Any) -> Machine:
-            vm = Machine(build, folder, name=name, args=args, **kwargs)
-            started.append(vm)
-            return vm.launch()
+    with tempfile.TemporaryDirectory(prefix="cbw-drain-") as tmp, \
+            launcher(build, Path(tmp)) as launch:
         plan = TimeoutPlan(2)
-        f = TimeoutFleecing(launch, Images(build, folder), plan=plan,
+        f = TimeoutFleecing(launch, Images(build, Path(tmp)), plan=plan,
                             on_cbw_error="break-snapshot", cbw_timeout=2)
-        try:
-            vm = f.start()
-            over = f.write("B", REGION_B, plan.over_size)
-            timed = {}
-            for command in ("query-status", "system_reset"):
-                t = time.monotonic()
-                vm.cmd(command)
-                timed[command] = time.monotonic() - t
-        finally:
-            for machine in started:
-                machine.shutdown()
+        vm = f.start()
+        over = f.write("B", REGION_B, plan.over_size)
+        timed = {}
+        for command in ("query-status", "system_reset"):
+            t = time.monotonic()
+            vm.cmd(command)
+            timed[command] = time.monotonic() - t
     return (f"write {over.seconds:.2f} s (its copy needs "
             f"{plan.copy_seconds(plan.over_size):.1f} s); query-status "
             f"{timed['query-status']:.3f} s; system_reset {timed['system_reset']:.2f} s")

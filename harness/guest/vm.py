@@ -50,7 +50,7 @@ from ..block.images import Images
 from ..block.topology import Layout, Topology, guest_device
 from ..errors import ConfigError, HarnessError, QEMUDied, WaitTimeout
 from ..qemu.builds import QemuBuild
-from ..qemu.machine import Machine
+from ..qemu.machine import Machine, launcher
 from ..qemu.qemu_io import QemuIoResult
 from .console import (
     IO_ERROR,
@@ -488,16 +488,7 @@ def bench_boot(build: QemuBuild, folder: Path) -> GuestRun:
     global _bench_image
     if _bench_image is None:
         _bench_image = GuestImage.provision()
-    started: list[Machine] = []
-
-    def launch(args: Sequence[str], *, name: str, **kwargs: Any) -> Machine:
-        vm = Machine(build, folder, name=name, args=args, **kwargs)
-        started.append(vm)
-        return vm.launch()
     disk = GuestDisk("bench")
-    try:
+    with launcher(build, folder) as launch:
         return run_guest(launch, Images(build, folder), _bench_image, [disk],
                          [Read(guest_devices([disk])["bench"], 0, CHUNK)], name="bench")
-    finally:
-        for vm in started:
-            vm.shutdown()

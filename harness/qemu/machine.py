@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -742,3 +742,21 @@ class Machine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+@contextlib.contextmanager
+def launcher(build: QemuBuild, folder: Path) -> Iterator[Callable[..., Machine]]:
+    """``launch(args, name=..., **machine_options)`` outside pytest (benchmarks,
+    scripts), as the ``launch_vm`` fixture does inside it: every machine it started is
+    shut down when the block ends, whatever happened."""
+    started: list[Machine] = []
+
+    def launch(args: Sequence[str] = (), *, name: str = "vm", **kwargs: Any) -> Machine:
+        vm = Machine(build, folder, name=name, args=args, **kwargs)
+        started.append(vm)
+        return vm.launch()
+    try:
+        yield launch
+    finally:
+        for vm in started:
+            vm.shutdown()

@@ -265,3 +265,16 @@ def test_forgotten_events_are_neither_awaited_nor_listed(launch_vm):
         vm.wait_event("STOP", timeout=0.2)
     vm.cmd("cont")
     assert vm.wait_event("RESUME")["event"] == "RESUME"  # later events as before
+
+
+def test_launcher_shuts_down_what_it_started_even_on_error(qemu_build, tmp_path):
+    from harness.qemu.machine import launcher
+
+    pids = []
+    with pytest.raises(RuntimeError), launcher(qemu_build, tmp_path) as launch:
+        for name in ("a", "b"):
+            vm = launch(name=name, machine_type="none")
+            assert vm.cmd("query-status")["status"]
+            pids.append(vm.pid)
+        raise RuntimeError("the script failed midway")
+    assert len(pids) == 2 and all(pid is not None and process_gone(pid) for pid in pids)
