@@ -7,6 +7,7 @@
 Measures, in one run, each as median / min / max of N repeats:
   qemu-bare        QEMU start + QMP handshake + quit, plain qemu.qmp, no harness
   harness-machine  the same through harness.machine.Machine (log, pidfd, teardown)
+  refused-command  one command QEMU refuses (an error reply), through Machine.cmd
   pytest-per-test  wall time per test of a pytest run of trivial launch_vm tests,
                    minus pytest's own start-up, i.e. the harness's per-test cost
   scenario:<name>  one copy-before-write scenario, images to verdicts (guest writes,
@@ -99,6 +100,15 @@ def iotest_like(build: builds.QemuBuild, folder: Path) -> None:
 def harness_machine(build: builds.QemuBuild, folder: Path) -> None:
     with Machine(build, folder) as vm:
         vm.cmd("query-status")
+
+
+def refused_command(vm: Machine) -> Callable[[], object]:
+    """A refused command is an answer, not a sign of a dying QEMU: it must cost a round
+    trip, not a wait for the process to exit (it once cost 1 s per refusal)."""
+    def once() -> None:
+        reply = vm.qmp("blockdev-del", {"node-name": "no-such-node"})
+        assert "error" in reply, reply
+    return once
 
 
 def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
@@ -200,6 +210,9 @@ def main() -> int:
         if want("harness-machine"):
             results["harness-machine"] = stats(
                 timed(lambda: harness_machine(build, folder), args.repeat))
+        if want("refused-command"):
+            with Machine(build, folder) as vm:
+                results["refused-command"] = stats(timed(refused_command(vm), args.repeat))
         if want("pytest-per-test"):
             with_vm, empty = pytest_per_test(build, args.repeat * 2)
             results["pytest-per-test"] = {"median_ms": round(with_vm * 1000, 1),

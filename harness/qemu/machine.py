@@ -388,16 +388,16 @@ class Machine:
         racing: set[asyncio.Future[Any]] = {task, self._exited}
         done, _ = await asyncio.wait(racing, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
-        if task in done and not task.cancelled() and task.exception() is None:
-            return task.result()
-        if task in done:
+        if task in done and not task.cancelled():
+            exc = task.exception()
+            if exc is None:
+                return task.result()
+            if isinstance(exc, ExecuteError):
+                raise exc  # QEMU refused the command: it answered, so it lives
             # A lost connection usually means QEMU is dying: give it a moment to be reaped.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._exited), 1.0)
             if not self._exited.done():
-                exc = task.exception()
-                if isinstance(exc, ExecuteError):
-                    raise exc
                 raise QEMUError(f"{self.name}: {what} failed: {exc!r}", cmdline=self.cmdline,
                                 log_tail=self.log_tail()) from exc
         else:
