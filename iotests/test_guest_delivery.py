@@ -32,6 +32,7 @@ UNTOUCHED regions.  One boot serves several disks where their checks stay apart.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,13 @@ pytestmark = pytest.mark.guest
 SITES = ("target-write", "source-read")
 EIO = errno_text(errno.EIO)
 FIRST = GUEST_WRITES[0]
+ON_CBW_ERROR_BACKUP = "blockdev-backup.on-cbw-error"
 
 
 def backup_values(values):
     """on-cbw-error values for blockdev-backup: an explicit one needs QEMU 10.1+."""
     return [pytest.param(v, id=value_id(v), marks=[] if v is None else
-                         pytest.mark.requires("blockdev-backup.on-cbw-error")) for v in values]
+                         pytest.mark.requires(ON_CBW_ERROR_BACKUP)) for v in values]
 
 
 BREAKING = pytest.mark.parametrize("on_cbw_error", backup_values(BREAKS_GUEST_WRITE))
@@ -110,17 +112,41 @@ def region(images: Images, path: Path, offset: int) -> str:
 
 
 @pytest.fixture
-def boot(launch_vm, images, guest_image, summary_row, build_info):
-    """``boot(*disks)``: one guest on these disks running the standard plan; each disk
-    becomes a row of the run's summary table."""
+def report_disks(images, summary_row, build_info):
+    """``report_disks(run, names)``: each disk becomes a row of the run's summary table."""
     names_device = build_info.has("event.BLOCK_IO_ERROR.qom-path")  # not in 7.2
 
-    def run(*disks: GuestDisk) -> GuestRun:
-        result = run_guest(launch_vm, images, guest_image, list(disks), standard_plan(list(disks)))
-        for d in result.disks.values():
-            summary_row(**summary(result, d, images))
+    def report(run: GuestRun, names: Iterable[str]) -> None:
+        for name in names:
+            d = run.disk(name)
+            summary_row(**summary(run, d, images))
             if names_device:
                 assert all("qom-path" in e for e in d.io_errors), d.io_errors
+    return report
+
+
+@pytest.fixture
+def boot(launch_vm, images, guest_image, report_disks):
+    """``boot(*disks)``: one guest on these disks running the standard plan."""
+    def run(*disks: GuestDisk) -> GuestRun:
+        result = run_guest(launch_vm, images, guest_image, list(disks), standard_plan(list(disks)))
+        report_disks(result, result.disks)
+        return result
+    return run
+
+
+@pytest.fixture
+def shared_boot(shared_run, guest_image, report_disks):
+    """``shared_boot(group, disks, mine)``: one guest on ``disks``, the disks of every test
+    of ``group``, booted once for the whole group (``shared_run``: whichever test asks
+    first boots it, the others check the same run); the summary table gets this test's
+    disks, ``mine``, only."""
+    def run(group: str, disks: list[GuestDisk], mine: Iterable[str]) -> GuestRun:
+        def boot_group(launch_vm: Callable[..., Any], images: Images) -> GuestRun:
+            return run_guest(launch_vm, images, guest_image, disks, standard_plan(disks),
+                             name=f"guest-{group}")
+        result: GuestRun = shared_run(f"guest-{group}", boot_group)
+        report_disks(result, mine)
         return result
     return run
 
@@ -180,25 +206,49 @@ def assert_regions(images: Images, path: Path, want: dict[int, str], what: str) 
 
 # --------------------------------------------------------------------------- tests
 # One boot serves both fault sites: each disk is named after its site ("target-..." for a
-# fault on the target's write, "source-..." on the source's read) and its role.
+# fault on the target's write, "source-..." on the source's read) and its role.  Tests
+# that differ only by the on-cbw-error value share one boot (shared_boot): their disks
+# are named after the value too.
+
+# Short: a disk's node-names end in "-snapshot", and QEMU keeps 31 characters of one.
+VALUE_TAG = {None: "om", "break-guest-write": "bgw", "break-snapshot": "bs"}
+
 
 def at(site: str, role: str) -> str:
     """The disk that plays ``role`` with its fault at ``site``."""
     return f"{site.split('-')[0]}-{role}"
 
 
+def of_value(on_cbw_error: str | None, name: str) -> str:
+    """Disk ``name`` of the disks for ``on_cbw_error``, in a boot shared by several values."""
+    return f"{VALUE_TAG[on_cbw_error]}-{name}"
+
+
+def backup_values_run(build_info, values) -> list[str | None]:
+    """The values of ``values`` this build runs with blockdev-backup: an explicit one needs
+    QEMU 10.1+, as backup_values() marks the tests."""
+    return [v for v in values if v is None or build_info.has(ON_CBW_ERROR_BACKUP)]
+
+
+def write_error_disks(value: str | None) -> list[GuestDisk]:
+    return [disk for site in SITES for disk in (
+        GuestDisk(of_value(value, at(site, "default")), on_cbw_error=value,
+                  fault=Fault(site, once=True)),
+        GuestDisk(of_value(value, at(site, "report")), werror="report", on_cbw_error=value,
+                  fault=Fault(site, once=False)),
+        GuestDisk(of_value(value, at(site, "ignore")), werror="ignore", on_cbw_error=value,
+                  fault=Fault(site, once=False)))]
+
+
 @BREAKING
 def test_write_error_reaches_the_guest(boot, images, on_cbw_error):
     """Per fault site, three disks: device default (one-shot fault), werror=report and
-    werror=ignore (persistent faults)."""
-    run = boot(*(disk for site in SITES for disk in (
-        GuestDisk(at(site, "default"), on_cbw_error=on_cbw_error, fault=Fault(site, once=True)),
-        GuestDisk(at(site, "report"), werror="report", on_cbw_error=on_cbw_error,
-                  fault=Fault(site, once=False)),
-        GuestDisk(at(site, "ignore"), werror="ignore", on_cbw_error=on_cbw_error,
-                  fault=Fault(site, once=False)))))
+    werror=ignore (persistent faults).  A boot of its own: the guest kernel logs at most
+    10 block I/O errors per 5 s (printk_ratelimited), and one value's disks come close."""
+    run = boot(*write_error_disks(on_cbw_error))
     assert not run.stops and run.final_status != "io-error"
-    for name in (at(site, role) for site in SITES for role in ("default", "report")):
+    for name in (of_value(on_cbw_error, at(site, role)) for site in SITES
+                 for role in ("default", "report")):
         d = run.disk(name)
         failing = d.disk.fault.failing_writes()
         for off in GUEST_WRITES:
@@ -214,7 +264,7 @@ def test_write_error_reaches_the_guest(boot, images, on_cbw_error):
         assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES if off not in failing},
                        f"{name}: the regions overwritten were copied first")
 
-    for name in (at(site, "ignore") for site in SITES):
+    for name in (of_value(on_cbw_error, at(site, "ignore")) for site in SITES):
         ignore = run.disk(name)
         for off in GUEST_WRITES:
             op = assert_write_succeeded_in_guest(run, name, off)
@@ -227,23 +277,31 @@ def test_write_error_reaches_the_guest(boot, images, on_cbw_error):
                        "writes succeeded, yet the source must still hold the old data")
 
 
+def werror_stop_disks(value: str | None) -> list[GuestDisk]:
+    return [disk for site in SITES for disk in (
+        GuestDisk(of_value(value, at(site, "once")), werror="stop", on_cbw_error=value,
+                  fault=Fault(site, once=True)),
+        GuestDisk(of_value(value, at(site, "always")), werror="stop", on_cbw_error=value,
+                  fault=Fault(site, once=False), stop_retries=1))]
+
+
 @BREAKING
-def test_werror_stop_pauses_until_the_fault_is_gone(boot, images, on_cbw_error):
+def test_werror_stop_pauses_until_the_fault_is_gone(shared_boot, build_info, images,
+                                                    on_cbw_error):
     """Per fault site, two werror=stop disks: ``once`` (one-shot fault: the first ``cont``
     completes the write) and ``always`` (persistent: ``cont`` stops again; cancelling the
     backup job drops the filter, and the next ``cont`` completes the write)."""
-    run = boot(*(disk for site in SITES for disk in (
-        GuestDisk(at(site, "once"), werror="stop", on_cbw_error=on_cbw_error,
-                  fault=Fault(site, once=True)),
-        GuestDisk(at(site, "always"), werror="stop", on_cbw_error=on_cbw_error,
-                  fault=Fault(site, once=False), stop_retries=1))))
-    assert {s.status for s in run.stops} == {"io-error"}
+    mine = werror_stop_disks(on_cbw_error)
+    run = shared_boot("werror-stop", [d for v in backup_values_run(build_info, BREAKS_GUEST_WRITE)
+                                      for d in werror_stop_disks(v)], [d.name for d in mine])
+    assert {s.status for d in mine for s in run.disk(d.name).stops} == {"io-error"}
     names = run.event_names()
     for i, name in enumerate(names):
         if name == "BLOCK_IO_ERROR":
             assert "STOP" in names[i + 1:i + 3], f"no STOP after BLOCK_IO_ERROR: {names}"
     for site in SITES:
-        once, always = run.disk(at(site, "once")), run.disk(at(site, "always"))
+        once = run.disk(of_value(on_cbw_error, at(site, "once")))
+        always = run.disk(of_value(on_cbw_error, at(site, "always")))
         assert [s.answer for s in once.stops] == ["cont"], once.disk.name
         assert [s.answer for s in always.stops] == ["cont", "cancel-job+cont"], \
             f"{always.disk.name}: a cont with the fault in place must stop again"
@@ -265,17 +323,31 @@ def test_werror_stop_pauses_until_the_fault_is_gone(boot, images, on_cbw_error):
         assert always.job_status is None, f"{always.disk.name}: the cancelled job is still there"
 
 
+# The two break-snapshot tests below share one boot.
+UNAWARE_DISKS = [disk for site in SITES for disk in (
+    GuestDisk(at(site, "report"), werror="report", on_cbw_error="break-snapshot",
+              fault=Fault(site, once=True)),
+    GuestDisk(at(site, "stop"), werror="stop", on_cbw_error="break-snapshot",
+              fault=Fault(site, once=False)))]
+JOB_ENDS_DISKS = [GuestDisk(at(site, "disk"), on_cbw_error="break-snapshot",
+                            fault=Fault(site, once=True)) for site in SITES]
+
+
+def break_snapshot_boot(shared_boot, mine: list[GuestDisk]) -> GuestRun:
+    run: GuestRun = shared_boot("break-snapshot", UNAWARE_DISKS + JOB_ENDS_DISKS,
+                                [d.name for d in mine])
+    return run
+
+
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
-def test_break_snapshot_keeps_the_guest_unaware(boot, images):
+def test_break_snapshot_keeps_the_guest_unaware(shared_boot, images):
     """break-snapshot, per fault site: a report disk (one-shot fault) and a stop disk
     (persistent fault): no error reaches the guest or QMP, and the backup misses what the
     guest overwrote."""
-    run = boot(*(disk for site in SITES for disk in (
-        GuestDisk(at(site, "report"), werror="report", on_cbw_error="break-snapshot",
-                  fault=Fault(site, once=True)),
-        GuestDisk(at(site, "stop"), werror="stop", on_cbw_error="break-snapshot",
-                  fault=Fault(site, once=False)))))
-    assert not run.stops and "BLOCK_IO_ERROR" not in run.event_names()
+    run = break_snapshot_boot(shared_boot, UNAWARE_DISKS)
+    for disk in UNAWARE_DISKS:
+        assert not run.disk(disk.name).stops, f"{disk.name}: break-snapshot: the guest paused"
+        assert not run.disk(disk.name).io_errors, f"{disk.name}: break-snapshot: BLOCK_IO_ERROR"
     for name in (at(site, role) for site in SITES for role in ("report", "stop")):
         for off in GUEST_WRITES:
             op = assert_write_succeeded_in_guest(run, name, off)
@@ -291,11 +363,10 @@ def test_break_snapshot_keeps_the_guest_unaware(boot, images):
 
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
 @pytest.mark.departure("sync-none-broken-snapshot-runs-on")
-def test_break_snapshot_ends_the_backup_job(boot):
+def test_break_snapshot_ends_the_backup_job(shared_boot):
     """break-snapshot, a one-shot fault at each site: the write goes through, and the
     backup job based on the broken snapshot must not go on."""
-    run = boot(*(GuestDisk(at(site, "disk"), on_cbw_error="break-snapshot",
-                           fault=Fault(site, once=True)) for site in SITES))
+    run = break_snapshot_boot(shared_boot, JOB_ENDS_DISKS)
     for site in SITES:
         name = at(site, "disk")
         assert write_at(run, name, FIRST).ok, name
@@ -303,15 +374,20 @@ def test_break_snapshot_ends_the_backup_job(boot):
             f"{name}: the job goes on with a broken snapshot"
 
 
+FLEECING_VALUES = [*BREAKS_GUEST_WRITE, "break-snapshot"]
+
+
 @FLEECING
-@pytest.mark.parametrize("on_cbw_error", [*BREAKS_GUEST_WRITE, "break-snapshot"], ids=value_id)
-def test_fleecing_snapshot_under_guest_writes(boot, images, on_cbw_error):
+@pytest.mark.parametrize("on_cbw_error", FLEECING_VALUES, ids=value_id)
+def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error):
     """A copy-before-write node with snapshot-access on top, a one-shot fault at each
     site; the snapshot is read after the guest's end, as an export would read it."""
-    run = boot(*(GuestDisk(at(site, "fleece"), layout=Layout.FLEECING,
-                           on_cbw_error=on_cbw_error, fault=Fault(site, once=True))
-                 for site in SITES))
-    for name in (at(site, "fleece") for site in SITES):
+    def disks(value: str | None) -> list[GuestDisk]:
+        return [GuestDisk(of_value(value, at(site, "fleece")), layout=Layout.FLEECING,
+                          on_cbw_error=value, fault=Fault(site, once=True)) for site in SITES]
+    run = shared_boot("fleecing", [d for v in FLEECING_VALUES for d in disks(v)],
+                      [d.name for d in disks(on_cbw_error)])
+    for name in (of_value(on_cbw_error, at(site, "fleece")) for site in SITES):
         d = run.disk(name)
         if on_cbw_error == "break-snapshot":
             for off in GUEST_WRITES:

@@ -37,6 +37,7 @@ from .session import (
     make_run_dir,
     reset_artifacts,
 )
+from .shared import shared
 
 if TYPE_CHECKING:
     from ..guest.vm import GuestImage
@@ -225,40 +226,78 @@ def images(qemu_build: builds.QemuBuild, workdir: Path) -> Images:
     return Images(qemu_build, workdir)
 
 
+class _Launcher:
+    """``launch(args, name=..., **machine_options)`` in one folder; :meth:`shut_down` ends
+    every machine it started and raises the first abnormal exit (a signal, a non-zero
+    status), unless the test declared it expects one."""
+
+    def __init__(self, config: pytest.Config, build: builds.QemuBuild, folder: Path):
+        self.build, self.folder = build, folder
+        self.qmp_timeout: float | None = config.getoption("qmp_timeout")
+        self.started: list[Machine] = []
+
+    def __call__(self, args: list[str] | tuple[str, ...] = (), *, name: str | None = None,
+                 **kwargs: Any) -> Machine:
+        if self.qmp_timeout is not None:
+            kwargs.setdefault("command_timeout", self.qmp_timeout)
+            kwargs.setdefault("event_timeout", self.qmp_timeout)
+        vm = Machine(self.build, self.folder, name=name or f"vm{len(self.started)}",
+                     args=args, **kwargs)
+        self.started.append(vm)
+        _live_machines.add(vm)
+        return vm.launch()
+
+    def shut_down(self, expected_abnormal_exit: str | None = None) -> list[AbnormalShutdown]:
+        problems: list[AbnormalShutdown] = []
+        for vm in self.started:
+            if expected_abnormal_exit is not None:
+                vm.expect_abnormal_exit(expected_abnormal_exit)
+            try:
+                vm.shutdown()
+            except AbnormalShutdown as exc:
+                problems.append(exc)
+        return problems
+
+
 @pytest.fixture
 def launch_vm(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
               workdir: Path) -> Iterator[Callable[..., Machine]]:
     """Factory: ``vm = launch_vm(args=[...])`` starts a machine, torn down with the test."""
-    started: list[Machine] = []
-    timeout = request.config.getoption("qmp_timeout")
-
-    def launch(args: list[str] | tuple[str, ...] = (), *, name: str | None = None,
-               **kwargs: Any) -> Machine:
-        if timeout is not None:
-            kwargs.setdefault("command_timeout", timeout)
-            kwargs.setdefault("event_timeout", timeout)
-        vm = Machine(qemu_build, workdir, name=name or f"vm{len(started)}", args=args,
-                     **kwargs)
-        started.append(vm)
-        _live_machines.add(vm)
-        return vm.launch()
-
+    launch = _Launcher(request.config, qemu_build, workdir)
     yield launch
     # QEMU's exit is part of the verdict: an abort or a non-zero status (also in answer
     # to quit) fails the test, unless it declared it expects one.
     mark = request.node.get_closest_marker("expect_abnormal_exit")
-    problems: list[AbnormalShutdown] = []
-    for vm in started:
-        if mark is not None:
-            vm.expect_abnormal_exit(str(mark.args[0]) if mark.args else "marked")
-        try:
-            vm.shutdown()
-        except AbnormalShutdown as exc:
-            problems.append(exc)
+    problems = launch.shut_down(None if mark is None else
+                                str(mark.args[0]) if mark.args else "marked")
     if problems:
         request.node.stash[_teardown_failures] = [str(p) for p in problems]
         request.node.stash.setdefault(_failure_key, problems[0].message)
         raise problems[0]
+
+
+@pytest.fixture
+def shared_run(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
+               workdir: Path) -> Callable[..., Any]:
+    """``shared_run(key, make)``: ``make(launch_vm, images)`` run once for ``key`` in this
+    run, whichever xdist worker asks first; its outcome is returned to every test that
+    asks, with the run's files (QMP log, QEMU's output, images) linked into the test's
+    folder (:mod:`harness.plugin.shared`).  Every machine ``make`` starts is gone when it
+    returns; an abnormal exit among them is raised, to every test that asks."""
+    base = harness_run(request.config).run_dir / "shared"
+
+    def run(key: str, make: Callable[[Callable[..., Machine], Images], Any]) -> Any:
+        def in_folder(folder: Path) -> Any:
+            launch = _Launcher(request.config, qemu_build, folder)
+            try:
+                result = make(launch, Images(qemu_build, folder))
+            finally:
+                problems = launch.shut_down()
+            if problems:
+                raise problems[0]
+            return result
+        return shared(base, key, workdir, in_folder)
+    return run
 
 
 # ------------------------------------------------------ reports and summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -361,3 +362,35 @@ def test_make_check_selecting_nothing_fails_saying_so(tmp_path):
                   f"PYTEST_ARGS=-k no_test_has_this_name --artifacts {tmp_path}")
     assert result.returncode != 0
     assert "no test was selected (pytest exit 5): check PYTEST_ARGS" in result.stderr
+
+
+def test_shared_run_serves_tests_on_both_workers_and_keeps_a_failures_files(tmp_path,
+                                                                           qemu_build):
+    """Three tests share one QEMU run under -n 2: QEMU starts once, each test gets its
+    outcome, and the failing one keeps the shared run's QMP conversation."""
+    launches = tmp_path / "launches"
+    source = f"""
+import pytest
+
+def boot(launch_vm, images):
+    with open({str(launches)!r}, "a") as fh:
+        fh.write("launch\\n")
+    vm = launch_vm(name="shared-vm")
+    vm.cmd("stop")
+    return vm.cmd("query-status")["status"]
+
+@pytest.mark.parametrize("want", ["paused", "paused", "running"])
+def test_checks(shared_run, want):
+    assert shared_run("one-boot", boot) == want
+"""
+    result = run_pytest(tmp_path, source, "-n", "2", "-v", build=qemu_build)
+    assert result.returncode == 1, result.stdout
+    assert "2 passed" in result.stdout and "1 failed" in result.stdout, result.stdout
+    kept = [p for p in (tmp_path / "artifacts").iterdir() if p.is_dir()]
+    assert [p.name for p in kept] == ["test_inner.py_test_checks_running"], kept
+    conversation = (kept[0] / "shared-vm.conversation.txt").read_text()
+    assert '"execute": "stop"' in conversation, conversation
+    assert "replay by hand" in result.stdout
+    workers = set(re.findall(r"\[(gw\d)\] .*test_checks", result.stdout))
+    assert workers == {"gw0", "gw1"}, result.stdout
+    assert launches.read_text() == "launch\n", "one QEMU run for the three tests"

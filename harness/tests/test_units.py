@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from harness.errors import ConfigError, MissingCapability, describe_exit
 from harness.plugin.reference import regenerate
 from harness.plugin.session import check_artifacts_dir, make_run_dir
+from harness.plugin.shared import shared
 from harness.plugin.summary import render_grid
 from harness.qemu import builds, probe
 from harness.qemu.debian import mirror_in
@@ -454,3 +456,48 @@ def test_provision_command_without_apt_names_the_ways_out(tmp_path, monkeypatch,
     assert "--guest-kernel bzImage" in err and '-m "not guest"' in err
     assert provision.main(["7.2"]) == 1
     assert "--qemu-build DIR or QEMU_PROG" in capsys.readouterr().err
+
+
+def test_shared_run_runs_once_for_every_asker_and_links_its_files(tmp_path):
+    """The second asker waits for the first (the lock), gets its outcome, and has the
+    run's files in its own folder; a run that raised is run again by the next asker."""
+    base, runs = tmp_path / "shared", []
+    started, release = threading.Event(), threading.Event()
+
+    def make(folder: Path) -> dict[str, int]:
+        runs.append(folder)
+        (folder / "vm.qmp.log").write_text("conversation")
+        started.set()
+        assert release.wait(30)
+        return {"answer": 42}
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for f in folders:
+        f.mkdir()
+    outcomes: list[Any] = []
+    first = threading.Thread(target=lambda: outcomes.append(shared(base, "k", folders[0], make)))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: outcomes.append(shared(base, "k", folders[1], make)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second asker must wait for the run under way"
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert outcomes == [{"answer": 42}, {"answer": 42}] and len(runs) == 1
+    for f in folders:
+        assert (f / "vm.qmp.log").read_text() == "conversation"
+
+    failures: list[Path] = []
+
+    def failing(folder: Path) -> None:
+        failures.append(folder)
+        (folder / "vm.stderr").write_text("boom")
+        raise RuntimeError("boot failed")
+    for name in ("c", "d"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(RuntimeError, match="boot failed"):
+            shared(base, "broken", tmp_path / name, failing)
+        assert (tmp_path / name / "vm.stderr").read_text() == "boom"
+    assert len(failures) == 2, "a run that raised is not shared: the next asker runs it again"
