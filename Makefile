@@ -22,10 +22,18 @@ NO_TESTS_HINT := || { s=$$?; [ $$s != 5 ] || echo "no test was selected (pytest 
 run: provision
 	$(PY) -m pytest iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
-# The slow tail (-m slow: long timeouts that add minutes of waiting and no new verdict
-# over a shorter case) runs in make run, not here; a -m in PYTEST_ARGS replaces this one.
+# Two tiers, as QEMU's own make check: SPEED=quick (the default) leaves out the slow
+# tier (-m slow: long timeouts that add waiting and no new verdict over a shorter case,
+# and end-to-end runs of the tools: git bisect, the CI template, replays of a guest and
+# of a livelock); SPEED=slow runs everything, and is what CI runs.  make run runs the
+# suite's slow tests too.  A -m in PYTEST_ARGS replaces this one.
+SPEED ?= quick
+ifeq ($(filter quick slow,$(SPEED)),)
+$(error SPEED=$(SPEED): use SPEED=quick (the default) or SPEED=slow (everything, as CI))
+endif
+TIER_MARKS := $(if $(filter quick,$(SPEED)),-m "not slow")
 check: provision lint
-	$(PY) -m pytest harness/tests iotests -n $(JOBS) -m "not slow" $(PYTEST_ARGS) $(NO_TESTS_HINT)
+	$(PY) -m pytest harness/tests iotests -n $(JOBS) $(TIER_MARKS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
 # The scenario explorer (harness/explore) for a time budget against the build PYTEST_ARGS
 # names (--qemu-build DIR, --qemu-release R, --qemu-prog P), else QEMU_RELEASE.

@@ -108,8 +108,10 @@ def pytest_configure(config: pytest.Config) -> None:
                             "has these capabilities (see harness.qemu.probe.CAPABILITIES)")
     config.addinivalue_line("markers", "guest: boots a real Linux guest (deselect: -m 'not guest')")
     config.addinivalue_line("markers", "selftest: a test of the harness itself")
-    config.addinivalue_line("markers", "slow: minutes of waiting for no verdict a shorter case "
-                            "lacks (make check deselects them: -m 'not slow')")
+    config.addinivalue_line("markers", "slow: the slow tier: long waits for no verdict a "
+                            "shorter case lacks, and end-to-end runs of the tools (git "
+                            "bisect, the CI template, replays of a guest or a livelock); "
+                            "make check leaves them out, make check SPEED=slow and CI run them")
     config.addinivalue_line("markers", "expect_abnormal_exit(reason): the test's QEMUs may "
                             "end on a signal or a non-zero status without failing it")
     if config.option.help or config.option.version:

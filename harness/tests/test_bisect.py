@@ -99,6 +99,7 @@ def releases_present():
         builds.provision(name)
 
 
+@pytest.mark.slow  # a whole git bisect run: a dozen suite runs
 @pytest.mark.parametrize("find_fix", [False, True], ids=["regression", "fix"])
 def test_git_bisect_run_lands_on_the_commit_that_changed_qemu(tmp_path, releases_present,
                                                                find_fix):

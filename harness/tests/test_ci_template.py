@@ -19,7 +19,8 @@ import pytest
 from harness.qemu import builds
 from harness.qemu.cache import cache_root
 
-pytestmark = pytest.mark.selftest
+# The template run through gitlab-ci-local (Node, rsync, a suite run per job): slow tier.
+pytestmark = [pytest.mark.selftest, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / ".ci-tools/node_modules/.bin/gitlab-ci-local"

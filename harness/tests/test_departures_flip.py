@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,7 +97,13 @@ def _builds(flip: Flip, qemu_build: builds.QemuBuild, info: probe.BuildInfo
     return qemu_build, qemu_build
 
 
-@pytest.mark.parametrize("flip", FLIPS, ids=lambda f: f.departure)
+def _tiered(flip: Flip) -> Any:
+    """The wrap's flip waits out a real 5 s timeout through the proxy: the slow tier."""
+    marks = [pytest.mark.slow] if flip.departure == "cbw-timeout-wraps" else []
+    return pytest.param(flip, id=flip.departure, marks=marks)
+
+
+@pytest.mark.parametrize("flip", [_tiered(f) for f in FLIPS])
 def test_fixed_qemu_flips_the_departure(tmp_path, qemu_build, build_info, flip):
     base, _ = _builds(flip, qemu_build, build_info)
     fixed = make_build(tmp_path / "fixed", base, [flip.departure])

@@ -100,6 +100,7 @@ def test_departure_kept_on_request_replays_to_the_same_verdict(tmp_path, qemu_bu
     assert "the job ended completed" in replayed.stdout
 
 
+@pytest.mark.slow  # waits out the livelock's bound twice (the suite's run, the replay)
 def test_livelock_replays_without_hanging(tmp_path, qemu_build):
     folder = run_suite_test(tmp_path, qemu_build, "iotests/test_livelock.py::"
                             "test_ignored_read_error_on_broken_snapshot[full-speed]")
@@ -157,6 +158,7 @@ def test_guest_wrong(launch_vm, images, guest_image):
 
 
 @pytest.mark.guest
+@pytest.mark.slow  # two guest boots (the suite's run, the replay)
 def test_failed_guest_test_replays_with_the_guests_results(tmp_path, qemu_build, guest_image):
     result = run_pytest(tmp_path, GUEST_WRONG_EXPECTATION, build=qemu_build)
     assert result.returncode == 1, result.stdout
