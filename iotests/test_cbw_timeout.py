@@ -189,27 +189,28 @@ def test_timeout_boundary(fleecing, check_transcript, summary_row, build_info, r
 
 @pytest.mark.parametrize("cbw_timeout", [None, 0], ids=["unset", "zero"])
 def test_no_timeout_control(fleecing, check_transcript, summary_row, cbw_timeout):
-    """Same sizes and throttle as the 2 s runs, no timeout: the long copy runs to its end
-    and the write waits for it -- what the timeout cuts short in the runs above."""
+    """The 2 s runs' throttle and under write, no timeout: a write whose copy needs a second
+    more than a timed-out write may take (T + slack) waits for its whole copy -- what the
+    timeout cuts short in the runs above."""
     plan = TimeoutPlan(2)
     f = fleecing(plan=plan, cbw_timeout=cbw_timeout)
     f.start()
     try:
         assert_under(f.write("A (under)", REGION_A, plan.under_size), plan)
-        over = f.write("B (over)", REGION_B, plan.over_size)
+        over = f.write("B (over)", REGION_B, plan.control_size)
         assert over.ok, over.result.output
-        assert over.seconds >= plan.copy_seconds(plan.over_size), (
-            f"the copy of {plan.over_size} bytes should take >= "
-            f"{plan.copy_seconds(plan.over_size):.1f} s, took {over.seconds:.2f} s")
+        assert over.seconds >= plan.copy_seconds(plan.control_size), (
+            f"the copy of {plan.control_size} bytes should take >= "
+            f"{plan.copy_seconds(plan.control_size):.1f} s, took {over.seconds:.2f} s")
         assert over.timing == Timing.AFTER
         f.lift_throttle()
         for label, off, size in (("A", REGION_A, plan.under_size),
-                                 ("B", REGION_B, plan.over_size),
+                                 ("B", REGION_B, plan.control_size),
                                  ("U (never written)", REGION_U, 1 * MiB)):
             assert f.read_snapshot(label, off, size).ok
     finally:
         report(f, summary_row)
-    run = f.check_source({"A": (REGION_A, plan.under_size), "B": (REGION_B, plan.over_size)})
+    run = f.check_source({"A": (REGION_A, plan.under_size), "B": (REGION_B, plan.control_size)})
     assert run.source_holds_new["A"] and run.source_holds_new["B"]
     check_transcript()
 

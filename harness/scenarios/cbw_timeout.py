@@ -127,6 +127,15 @@ class TimeoutPlan:
         assert size <= MAX_OVER, f"over write of {size} bytes does not fit region B"
         return size
 
+    @property
+    def control_size(self) -> int:
+        """A write whose copy needs a second more than the latest a timed-out write may
+        return (``T + slack``): without a timeout it must wait that long; a timeout would
+        have cut it short.  (Smaller than ``over_size``: the control waits less.)"""
+        tasks = math.ceil((self.timeout + self.slack + 1 + THROTTLE_BURST_S)
+                          * self.rate / COPY_TASK) + 1
+        return tasks * COPY_TASK
+
     def copy_seconds(self, size: int) -> float:
         """The least time the copy of ``size`` bytes takes on a fresh bucket."""
         tasks = math.ceil(size / COPY_TASK)
