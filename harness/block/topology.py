@@ -211,6 +211,10 @@ class Topology:
                 "target": self.node("backup"), "sync": "full"}
 
 
+# The qdev id of the one disk a scenario layout with a device has (qemu-io -d writes to it).
+SCENARIO_DEVICE = "disk0"
+
+
 def guest_device(kind: str, qdev_id: str, drive: str, *, werror: str | None = None,
                  rerror: str | None = None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """A guest disk of ``kind`` on node ``drive``: its controller (None for virtio-blk)

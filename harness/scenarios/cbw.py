@@ -38,13 +38,12 @@ from typing import Any
 from ..block.data import CHUNK, GUEST_WRITES, IMAGE_SIZE, NEW, ORIGINAL, UNTOUCHED, KiB, MiB
 from ..block.faults import NO_FAULT, Fault
 from ..block.images import Images
-from ..block.topology import Layout, Topology, guest_device
+from ..block.topology import SCENARIO_DEVICE, Layout, Topology, guest_device
 from ..errors import QEMUUnresponsive
 from ..qemu.machine import Machine
 from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
 
-DEVICE = "disk0"
 IOTHREAD = "iothread0"
 # The disk's CHS geometry (4 MiB), given so that the device does not read sector 0 to
 # guess it: that read would consume a one-shot blkdebug rule that names no sector.
@@ -390,7 +389,8 @@ class Scenario:
             args += ["-blockdev", json.dumps(node)]
         machine_type = "none"
         if self.topology.writes_through_device:
-            controller, disk = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
+            controller, disk = guest_device("virtio-scsi", SCENARIO_DEVICE,
+                                            self.topology.device_node)
             assert controller is not None
             if self.spec.iothread:
                 args += ["-object", f"iothread,id={IOTHREAD}"]
@@ -434,7 +434,7 @@ class Scenario:
     def _as_guest(self, command: str) -> QemuIoResult:
         assert self.vm is not None
         if self.topology.writes_through_device:
-            return self.vm.qemu_io(DEVICE, command, device=True)
+            return self.vm.qemu_io(SCENARIO_DEVICE, command, device=True)
         return self.vm.qemu_io(self.topology.write_node, command, device=False)
 
     def read_snapshot_data(self, offset: int, length: int) -> tuple[QemuIoResult, bytes | None]:

@@ -59,7 +59,7 @@ from typing import Any
 
 from ..block.data import NEW, ORIGINAL, MiB
 from ..block.images import Images
-from ..block.topology import Layout, Topology, guest_device
+from ..block.topology import SCENARIO_DEVICE, Layout, Topology, guest_device
 from ..qemu.machine import COMMAND_TIMEOUT, Machine
 from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
@@ -77,7 +77,6 @@ REGION_C = 16 * MiB
 REGION_U = 28 * MiB
 MAX_OVER = REGION_C - REGION_B          # 12 MiB, so B and C never overlap
 
-DEVICE = "disk0"
 UNDER_SHARE = 0.3            # the under write's copy needs ~30 % of the timeout
 OVER_SHARE = 3.0             # the over write's copy needs >= 3x the timeout
 
@@ -255,7 +254,8 @@ class TimeoutFleecing:
 
     def _device(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The SCSI controller and the disk on the copy-before-write node."""
-        controller, device = guest_device("virtio-scsi", DEVICE, self.topology.device_node)
+        controller, device = guest_device("virtio-scsi", SCENARIO_DEVICE,
+                                          self.topology.device_node)
         assert controller is not None
         return controller, device
 
@@ -284,7 +284,7 @@ class TimeoutFleecing:
         """A guest write through the device, timed from the HMP request to its reply."""
         assert self.vm is not None
         start = time.monotonic()
-        result = self.vm.qemu_io(DEVICE, f"write -P {NEW:#x} {offset} {size}")
+        result = self.vm.qemu_io(SCENARIO_DEVICE, f"write -P {NEW:#x} {offset} {size}")
         seconds = time.monotonic() - start
         timed = TimedWrite(offset, size, result, seconds, self.plan.classify(seconds))
         line = f"guest write {label} ({NEW:#x} at {offset}+{size}): {result.output}"
