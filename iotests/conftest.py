@@ -22,9 +22,7 @@ def _cost_rank(item: pytest.Item) -> int:
     timeout = params.params.get("timeout") if params is not None else None
     if isinstance(timeout, int) and timeout >= _LONG_TIMEOUT_S:
         return 0
-    module = getattr(item, "module", None)  # None for items that are not Python tests
-    slow_module = module is not None and module.__name__.endswith("test_cbw_timeout")
-    if slow_module or item.get_closest_marker("guest") or item.get_closest_marker("selftest"):
+    if any(item.get_closest_marker(m) for m in ("waits", "guest", "selftest")):
         return 1
     return 2
 

@@ -50,8 +50,9 @@ from harness.scenarios.cbw_timeout import (
 )
 from iotests.expectations import BREAKS_GUEST_WRITE
 
-pytestmark = pytest.mark.requires("copy-before-write.cbw-timeout", "snapshot-access",
-                                  "throttle")
+pytestmark = [pytest.mark.requires("copy-before-write.cbw-timeout", "snapshot-access",
+                                   "throttle"),
+              pytest.mark.waits]
 
 TIMED_OUT = os.strerror(errno.ETIMEDOUT)        # "Connection timed out"
 SNAPSHOT_BROKEN = os.strerror(errno.EACCES)     # "Permission denied"

@@ -108,6 +108,8 @@ def pytest_configure(config: pytest.Config) -> None:
                             "has these capabilities (see harness.qemu.probe.CAPABILITIES)")
     config.addinivalue_line("markers", "guest: boots a real Linux guest (deselect: -m 'not guest')")
     config.addinivalue_line("markers", "selftest: a test of the harness itself")
+    config.addinivalue_line("markers", "waits: the test waits seconds of real time (a "
+                            "timeout, a throttled copy): run among the first")
     config.addinivalue_line("markers", "slow: the slow tier: long waits for no verdict a "
                             "shorter case lacks, and end-to-end runs of the tools (git "
                             "bisect, the CI template, replays of a guest or a livelock); "
