@@ -2,7 +2,7 @@
 """Benchmarks: what QEMU costs, and what the harness adds on top.
 
     python bench/run.py [--repeat N] [--only NAME ...] [--qemu-release R | --qemu-prog P]
-                        [--make-check [--jobs N ...]]
+                        [--make-check [--jobs N ...] [--speed quick|slow]]
 
 Measures, in one run, each as median / min / max of N repeats:
   qemu-bare        QEMU start + QMP handshake + quit, plain qemu.qmp, no harness
@@ -14,7 +14,8 @@ Measures, in one run, each as median / min / max of N repeats:
                    snapshot reads, job to its end, data verdicts)
   guest-boot       a tiny Linux guest from launch to its ready line and power-off
   make-check-jN    (with --make-check [--jobs N ...]) one `make check` per JOBS value
-                   (guest tests included): wall time, CPU time of all it ran, exit
+                   (guest tests included): wall time, CPU time of all it ran, exit;
+                   --speed slow times `make check SPEED=slow` (both tiers, as CI)
 Results go to stdout as a table and to bench/results.json.  On a loaded machine
 compare medians, not single runs.
 """
@@ -158,19 +159,20 @@ def guest_boot(build: builds.QemuBuild, folder: Path) -> Callable[[], object]:
     return lambda: bench_boot(build, folder)
 
 
-def make_check(jobs: int) -> dict[str, float]:
+def make_check(jobs: int, speed: str = "quick") -> dict[str, float]:
     """One ``make check`` with ``JOBS=jobs`` (the setup steps are instant once done): its
     wall time, and the CPU time of everything it ran (which a loaded machine inflates
     far less than wall time), and its exit status: a failing run measures nothing."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    done = subprocess.run(["make", "-C", str(ROOT), "check", f"JOBS={jobs}"], check=False,
+    done = subprocess.run(["make", "-C", str(ROOT), "check", f"JOBS={jobs}", f"SPEED={speed}"],
+                          check=False,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"median_ms": round(wall * 1000, 1), "cpu_s": round(cpu, 1), "n": 1,
-            "jobs": jobs, "exit": done.returncode}
+            "jobs": jobs, "speed": speed, "exit": done.returncode}
 
 
 def stats(samples: list[float]) -> dict[str, float]:
@@ -190,6 +192,8 @@ def main() -> int:
                     help="also time one `make check` (minutes)")
     ap.add_argument("--jobs", type=int, nargs="+", default=[2],
                     help="make check's JOBS (default 2); several: one run each")
+    ap.add_argument("--speed", choices=("quick", "slow"), default="quick",
+                    help="make check's SPEED: quick (default) or slow (both tiers, as CI)")
     args = ap.parse_args()
     build = builds.select(qemu_prog=args.qemu_prog, release=args.qemu_release)
     only: list[str] | None = args.only
@@ -229,7 +233,8 @@ def main() -> int:
                                                 max(3, args.repeat // 5)))
     if args.make_check:
         for jobs in args.jobs:
-            results[f"make-check-j{jobs}"] = checked = make_check(jobs)
+            name = f"make-check-j{jobs}" + ("-slow" if args.speed == "slow" else "")
+            results[name] = checked = make_check(jobs, args.speed)
             if checked["exit"]:
                 print(f"make check JOBS={jobs} failed (exit {checked['exit']:g}): its time "
                       "measures nothing", file=sys.stderr)
