@@ -172,7 +172,7 @@ def make_check(jobs: int, speed: str = "quick") -> dict[str, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"median_ms": round(wall * 1000, 1), "cpu_s": round(cpu, 1), "n": 1,
-            "jobs": jobs, "speed": speed, "exit": done.returncode}
+            "jobs": jobs, "exit": done.returncode}
 
 
 def stats(samples: list[float]) -> dict[str, float]:
