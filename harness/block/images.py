@@ -12,6 +12,7 @@ reads are not recorded.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -32,6 +33,7 @@ _SIZE = re.compile(r"^(\d+)([kKMGT]?)$")
 _UNITS = {"": 1, "k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+@functools.lru_cache(maxsize=4)  # bytes are immutable; a family of tests shares one seed
 def seeded_bytes(seed: int, length: int) -> bytes:
     """Pseudo-random data, the same for a seed on every run: contents in which a byte read
     from the wrong offset shows (``replay.py`` remakes it the same way)."""
