@@ -249,7 +249,7 @@ class Example:
         except QEMUUnresponsive as exc:
             self._unresponsive(step.describe(), exc)
         except CommandFailed as exc:  # a job command refused: the job is not as modelled
-            self.rig.job_present = self.rig.job_status() is not None
+            self.rig.job_present = self.rig.queried_job_status() is not None
             if not self.departed:
                 self._departs("job", step.describe(), f"documented: the command is "
                               f"accepted (job {self.model.job_state}); observed: {exc}")
@@ -376,6 +376,8 @@ class Example:
             return
         model = self.model
         status = self.rig.job_status() if self.rig.job_present else None
+        if self.rig.job_present and status != model_status(model):
+            status = self.rig.queried_job_status()  # the events' word, checked by a query
         if self.layout is Layout.BACKUP_SYNC_NONE:
             if not self.rig.job_present:
                 return
