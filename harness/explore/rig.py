@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..block.blkdebug import BlkdebugRules, InjectError, blkdebug_node
+from ..block.blkdebug import BlkdebugRules, blkdebug_node
 from ..block.images import Images
 from ..block.topology import Layout, Topology
 from ..errors import CommandFailed, WaitTimeout
@@ -71,8 +71,8 @@ def fault_rules(fault: FaultPlan, role: str) -> BlkdebugRules | None:
         return None
     _, event, iotype = _RULE_PLACES[fault.site]
     sector = None if fault.cluster is None else fault.cluster * CLUSTER // SECTOR
-    return BlkdebugRules([InjectError(event, iotype=iotype, errno=fault.errno, sector=sector,
-                                      once=fault.once)])
+    return BlkdebugRules.fail(event, iotype=iotype, errno=fault.errno, sector=sector,
+                              once=fault.once, skip=fault.after)
 
 
 _PROBED: dict[str, probe.BuildInfo] = {}

@@ -390,6 +390,9 @@ class Machine:
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done and not task.cancelled() and task.exception() is None:
             return task.result()
+        refused = task.exception() if task in done and not task.cancelled() else None
+        if isinstance(refused, ExecuteError) and not self._exited.done():
+            raise refused  # QEMU answered: it refused the command (no grace needed)
         if task in done:
             # A lost connection usually means QEMU is dying: give it a moment to be reaped.
             with contextlib.suppress(asyncio.TimeoutError):
