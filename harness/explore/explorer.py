@@ -59,7 +59,8 @@ BRAKED_LAYOUTS = (Layout.BACKUP_SYNC_FULL, Layout.PUSH_FROM_SNAPSHOT)
 @dataclass(frozen=True)
 class Step:
     """One step of a sequence, enough to run it again: ``write`` (of ``pattern``),
-    ``write-zeroes``, ``discard``, ``read`` (of the snapshot), ``set-speed``
+    ``write-zeroes``, ``discard``, ``read`` (of the snapshot), ``source-read`` (a
+    qemu-io read of the source node: a drain), ``set-speed``
     (``value``), ``pause``, ``resume``, ``cancel``."""
 
     kind: str
@@ -75,6 +76,8 @@ class Step:
             "write-zeroes": f"guest write-zeroes at {where}",
             "discard": f"guest discard at {where}",
             "read": f"snapshot read at {where}",
+            "source-read": f"qemu-io read of the source node at {where} (its end drains "
+                           f"the filter and the job above)",
             "set-speed": f"block-job-set-speed {self.value}"
                          + (" (full speed)" if self.value == 0 else ""),
             "pause": "block-job-pause", "resume": "block-job-resume",
@@ -283,8 +286,9 @@ class Example:
     def _run(self, step: Step) -> None:
         rig, model = self.rig, self.model
         offset, length = step.offset, step.length
-        if step.kind in ("write", "write-zeroes", "discard", "read") and \
-                rig.device is None:
+        drains = step.kind == "source-read" or \
+            (step.kind in ("write", "write-zeroes", "discard", "read") and rig.device is None)
+        if drains:
             model.drained()  # after the request, but nothing of the job runs meanwhile
         if step.kind == "write":
             assert step.pattern is not None
@@ -305,6 +309,14 @@ class Example:
                     model.source[offset:offset + length] = actual
         elif step.kind == "read":
             self._read(step)
+        elif step.kind == "source-read":
+            expected = model.source_read(offset, length)
+            data = expected.data or b""
+            uniform = data[:1] * len(data) == data
+            result = rig.source_read(offset, length, data[0] if uniform and data else None)
+            verdict = result.pattern_reads([offset]) if uniform else None
+            self._check(step, expected, result.error,
+                        None if verdict is None else verdict[offset])
         elif step.kind == "set-speed":
             expected_events = model.job_set_speed(step.value)
             rig.set_speed(step.value)
@@ -557,13 +569,15 @@ class CbwExplorer(RuleBasedStateMachine):
     # picks rules evenly) would spend most steps on guest I/O and end most jobs early.
     @rule(data=st.data(), where=ranges())
     def guest_request(self, data: st.DataObject, where: tuple[int, int]) -> None:
-        """A write (half the time), a write-zeroes, or (fleecing layouts, which pass
-        discards down) a discard."""
+        """A write (two times in five), a write-zeroes, (fleecing layouts, which pass
+        discards down) a discard, or a graph change that drains: a qemu-io read of the
+        source node, whose temporary BlockBackend drains the source's parents (the
+        copy-before-write filter, the job) when it goes."""
         example = self._live()
         if example is None:
             return
         kinds = ["write", "write", "write-zeroes",
-                 "discard" if example.layout.has_snapshot else "write"]
+                 "discard" if example.layout.has_snapshot else "write", "source-read"]
         kind = data.draw(st.sampled_from(kinds), label="request")
         self.requests += 1
         if kind == "write":

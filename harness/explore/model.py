@@ -14,7 +14,8 @@ Jobs start braked (speed 1, one 64 KiB chunk at a time): the first chunk (cluste
 is copied at once, then the job waits until a speed change releases it.  One blkdebug
 fault plan; the steps a user takes: guest writes, write-zeroes and discards on the
 copy-before-write node (or the guest disk above a job's filter), reads of the
-snapshot, the job's speed, pause, resume and cancel.  For each step the model says
+snapshot, reads of the source node (which drain the graph above it), the job's
+speed, pause, resume and cancel.  For each step the model says
 what QEMU must answer (success, or which error), which job events must follow, and
 what the data must be.  It is written from the documentation (QAPI ``OnCbwError``,
 ``BlockdevOnError``, ``BackupCommon``), not from QEMU's code:
@@ -311,6 +312,16 @@ class CbwModel:
         (first, *_) = clusters_of(offset, length)
         return Expected(None, original_pattern(first), why="the point-in-time data",
                         data=self.point_in_time(offset, length))
+
+    def source_read(self, offset: int, length: int) -> Expected:
+        """A read of the source node itself, below the filter (HMP qemu-io on it): the
+        source's data as it is now, or the fault.  Its temporary BlockBackend drains
+        the source's parents when it goes (the caller applies :meth:`drained`)."""
+        if self._io_fails("source-read", offset, length):
+            return Expected(error_text(self.fault.errno),
+                            why="the read of the source meets the fault")
+        return Expected(None, why="the source's current data",
+                        data=bytes(self.source[offset:offset + length]))
 
     # ---------------------------------------------------------------- the job
     def job_start(self) -> bool:

@@ -386,6 +386,13 @@ class CbwRig:
         return self.vm.qemu_io(self.topology.snapshot_node,
                                f"read -P {pattern:#x} {part}{offset} {length}", device=False)
 
+    def source_read(self, offset: int, length: int, pattern: int | None) -> QemuIoResult:
+        """Read the source node itself (checking ``pattern`` if given): qemu-io's
+        BlockBackend on it drains the source's parents when it goes."""
+        check = "" if pattern is None else f"-P {pattern:#x} "
+        return self.vm.qemu_io(self.topology.node("source"), f"read {check}{offset} {length}",
+                               device=False)
+
     def image_bytes(self, role: str) -> bytes:
         """The ``source``, ``target`` or ``backup`` image as it is on disk now (QEMU
         writes through the page cache, which this read sees)."""
