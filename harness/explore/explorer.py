@@ -284,12 +284,17 @@ class Example:
         self._departs("unresponsive", step, problem)
 
     def _run(self, step: Step) -> None:
+        drains = step.kind == "source-read" or \
+            (step.kind in ("write", "write-zeroes", "discard", "read") and
+             self.rig.device is None)
+        self._run_step(step)
+        if drains:  # once the request is done, as QEMU drains when the qemu-io ends
+            self._check_job(f"the drain at the end of {step.describe()}",
+                            self.model.drained())
+
+    def _run_step(self, step: Step) -> None:
         rig, model = self.rig, self.model
         offset, length = step.offset, step.length
-        drains = step.kind == "source-read" or \
-            (step.kind in ("write", "write-zeroes", "discard", "read") and rig.device is None)
-        if drains:
-            model.drained()  # after the request, but nothing of the job runs meanwhile
         if step.kind == "write":
             assert step.pattern is not None
             expected = model.guest_write(offset, length, step.pattern)

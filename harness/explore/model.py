@@ -355,12 +355,19 @@ class CbwModel:
             trial.job_set_speed(speed)
         return trial.job_state == "spinning" and trial.spin_errno != errno_mod.EACCES
 
-    def drained(self) -> None:
-        """A qemu-io on a node (fleecing layouts' guest requests and snapshot reads)
-        drains the graph when it lets go of the node: the job pauses for a moment, which
-        abandons a braked job's failed first chunk as a pause does (:meth:`job_pause`)."""
-        if self.job_state == "braked":
-            self.job_failure = None
+    def drained(self) -> list[JobEvent]:
+        """A qemu-io on a node (fleecing layouts' guest requests and snapshot reads, a
+        read of the source node) drains the graph when it lets go of the node: the job
+        pauses for a moment, which abandons a braked job's failed first chunk as a
+        pause does (:meth:`job_pause`); a braked job with nothing left to copy (the
+        guest's copies did it) then completes, as after a resume (:meth:`job_resume`).
+        The job events that must follow."""
+        if self.job_state != "braked":
+            return []
+        self.job_failure = None
+        if all(c in self.job_done for c in range(CLUSTERS)):
+            return self._job_runs()
+        return []
 
     def job_pause(self) -> None:
         """block-job-pause.  A braked job whose first chunk failed has not reported

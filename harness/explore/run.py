@@ -71,6 +71,7 @@ class Report:
     seconds: float = 0.0
     findings: list[Finding] = field(default_factory=list)
     known: Counter[str] = field(default_factory=Counter)
+    unknown: int = 0  # examples whose checks stopped where the model cannot tell
 
     @property
     def rate(self) -> float:
@@ -217,7 +218,7 @@ def explore(build: QemuBuild, workdir: Path, *, budget: float,
         progress(f"[{elapsed:5.0f}s] {tally.examples} examples, {tally.steps} steps, "
                  f"{tally.examples / elapsed:.1f} examples/s, "
                  f"{len(report.findings)} findings, {len(tally.known)} known departures met")
-    report.examples, report.steps = tally.examples, tally.steps
+    report.examples, report.steps, report.unknown = tally.examples, tally.steps, tally.unknown
     report.seconds = time.monotonic() - start
     report.known = Counter(k.departure for k in tally.known)
     for met in shortest_known(tally):
