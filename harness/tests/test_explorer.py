@@ -39,7 +39,7 @@ from harness.simulate import make_build
 
 pytestmark = pytest.mark.selftest
 
-CHECK_EXAMPLES = 180  # every layout, a fixed seed: ~8 s alone on 2 cores (~220 run)
+CHECK_EXAMPLES = 160  # every layout, a fixed seed (Hypothesis runs ~195): ~8 s alone
 SEED = 11
 SWAPPED_VALUES = ("break-guest-write", "break-snapshot")
 
@@ -50,13 +50,13 @@ SWAPPED_VALUES = ("break-guest-write", "break-snapshot")
 # drawing is the same on every run (preconditions follow the model, not QEMU's
 # timing), so a hunt meets its departure at the same example under any CPU load; the
 # step counts are ones that meet it early with SEED (on 11.1.3, under pytest: sync-full
-# at the 84th example, sync-none at the 5th, the livelock at the 25th; the same seed
+# at the 77th example, sync-none at the 5th, the livelock at the 25th; the same seed
 # draws a little differently outside pytest).  Over other seeds and step counts the
 # sync-full hunt took 5 to 550 examples (about 150 on average), the livelock 25 to
 # 330: the budgets leave room for a change of the drawing.
 DEPARTURE_HUNTS = {
     "sync-full-broken-snapshot-completes": (
-        Focus((Layout.BACKUP_SYNC_FULL,), ("break-snapshot",)), 600, 10,
+        Focus((Layout.BACKUP_SYNC_FULL,), ("break-snapshot",)), 600, 7,
         "blockdev-backup.on-cbw-error"),
     "sync-none-broken-snapshot-runs-on": (
         Focus((Layout.BACKUP_SYNC_NONE,), ("break-snapshot",)), 100, 6,
