@@ -210,6 +210,31 @@ def test_model_of_a_braked_sync_full_job():
     assert persistent.floods(0) and not persistent.floods(64 << 20)
 
 
+def test_model_counts_requests_for_a_set_state_chain():
+    """A rule armed after N requests of its site: every request of that site counts,
+    whatever its sector; where the order of a job's concurrent writes would decide
+    which one fails, the model says it cannot tell (no QEMU needed)."""
+    model = CbwModel(None, FaultPlan("source-read", cluster=2, once=True, after=2), FLEECING)
+    assert model.snapshot_read(0, CLUSTER).error is None  # source read 1: cluster 0
+    assert model.guest_write(2 * CLUSTER, CLUSTER, 0x81).error is None  # 2: not armed yet
+    assert model.guest_write(3 * CLUSTER, CLUSTER, 0x82).error is None  # 3: another sector
+    assert model.source_read(2 * CLUSTER, CLUSTER).error == "Input/output error"  # 4
+    assert model.source_read(2 * CLUSTER, CLUSTER).error is None  # once: spent
+
+    chained = CbwModel(None, FaultPlan("target-write", cluster=3, once=False, after=2),
+                       SYNC_FULL)
+    assert chained.job_start()  # target write 1: cluster 0
+    chained.job_set_speed(0)  # writes 2-4 (clusters 1-3) in any order; armed at the 3rd
+    assert chained.unknown is not None
+
+    copied = CbwModel(None, FaultPlan(), SYNC_FULL)
+    copied.job_start()
+    for cluster in (1, 2, 3):
+        copied.guest_write(cluster * CLUSTER, CLUSTER, 0x90)
+    (end,) = copied.drained()  # nothing left to copy: the drain lets it complete
+    assert end.kind == "completed" and end.error is None, end
+
+
 def test_command_line_rejects_a_bad_budget():
     out = subprocess.run([sys.executable, "-m", "harness.explore", "--budget", "soon"],
                          capture_output=True, text=True, timeout=60)
