@@ -427,14 +427,15 @@ class Example:
     def _backup_data(self) -> None:
         """What the copy-before-write saved, and what a job copied, is the point-in-time
         data; a job that completed without error holds all of it.  (Fleecing checks its
-        target through snapshot reads.)"""
+        target through snapshot reads; a sync=full job's copies after its snapshot
+        broke are not promised: the job must fail, which its events say.)"""
         if self.layout is Layout.FLEECING:
             return
         image = original_image()
         if self.layout is Layout.PUSH_FROM_SNAPSHOT:
             role, clusters = "backup", self.model.job_done
         else:
-            role, clusters = "target", self.model.copied
+            role, clusters = "target", self.model.copied - self.model.after_break
         data = self.rig.image_bytes(role)
         for cluster in sorted(clusters):
             span = slice(cluster * CLUSTER, (cluster + 1) * CLUSTER)

@@ -222,6 +222,9 @@ class CbwModel:
     source: bytearray = field(default_factory=lambda: bytearray(original_image()))
     copied: set[int] = field(default_factory=set)        # in the copy-before-write target
     job_done: set[int] = field(default_factory=set)      # in a push job's backup image
+    # Copied by a sync=full job after its snapshot broke: the source's data of then,
+    # which the documentation does not promise to be the point in time.
+    after_break: set[int] = field(default_factory=set)
     broken: bool = False
     fault_spent: bool = False
     site_requests: int = 0  # requests of the fault's site so far (its blkdebug event)
@@ -414,6 +417,8 @@ class CbwModel:
         self.job_done.add(cluster)
         if self.layout == SYNC_FULL:
             self.copied.add(cluster)
+            if self.broken:
+                self.after_break.add(cluster)
         return None
 
     def _job_runs(self) -> list[JobEvent]:
