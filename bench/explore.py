@@ -7,7 +7,7 @@ For each layout the explorer draws (fleecing, push from the snapshot, backup syn
 backup sync=full), runs N examples (up to 10 steps each, a fresh graph per example,
 random drawing with a fixed seed) on one QEMU and prints examples/s and steps/s, then
 the same for all layouts drawn together.  Examples that livelock QEMU (the push backup's
-recorded departure) cost the 3 s the explorer waits for a reply, and a new QEMU.
+recorded departure) cost the 2 s the explorer waits for a reply, and a new QEMU.
 """
 
 from __future__ import annotations

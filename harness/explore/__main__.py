@@ -50,6 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def print_report(report: Report) -> None:
     print(f"\n{report.examples} examples ({report.steps} steps) in {report.seconds:.0f}s: "
           f"{report.rate:.1f} examples/s")
+    if report.unknown:
+        print(f"{report.unknown} examples stopped being checked where the model cannot tell "
+              f"(QEMU's order of concurrent requests)")
     for name, count in sorted(report.known.items()):
         print(f"known departure met {count}x: {name}")
     if not report.findings:

@@ -14,7 +14,8 @@ Jobs start braked (speed 1, one 64 KiB chunk at a time): the first chunk (cluste
 is copied at once, then the job waits until a speed change releases it.  One blkdebug
 fault plan; the steps a user takes: guest writes, write-zeroes and discards on the
 copy-before-write node (or the guest disk above a job's filter), reads of the
-snapshot, the job's speed, pause, resume and cancel.  For each step the model says
+snapshot, reads of the source node (which drain the graph above it), the job's
+speed, pause, resume and cancel.  For each step the model says
 what QEMU must answer (success, or which error), which job events must follow, and
 what the data must be.  It is written from the documentation (QAPI ``OnCbwError``,
 ``BlockdevOnError``, ``BackupCommon``), not from QEMU's code:
@@ -44,8 +45,13 @@ what the data must be.  It is written from the documentation (QAPI ``OnCbwError`
 
 Faults follow blkdebug's rules: an ``inject-error`` rule on the source's ``read_aio``
 (iotype read) or the target's ``write_aio`` (iotype write), limited to one cluster's
-first sector or not, ``once`` or persistent, with an errno.  A rule limited to a sector
-fails an I/O whose range covers that sector.
+first sector or not, ``once`` or persistent, with an errno, and armed at once or only
+after N requests of its site (a chain of ``set-state`` rules counting that event: the
+first N pass whatever their sector).  A rule limited to a sector fails an I/O whose
+range covers that sector.  So the model counts every request on the source and the
+target: a copy is one read and one write per contiguous run (none written if the read
+failed), a braked job's chunk one per cluster, a snapshot read one source read per
+uncopied run (up to the first failure).
 
 Known departures of QEMU from this (``harness/scenarios/departures.py``) are named
 here by :func:`known_departure`, for the build's version, so the explorer reports
@@ -69,7 +75,13 @@ IMAGE_SIZE = CLUSTER * CLUSTERS
 SECTOR = 512
 ON_CBW_ERROR_VALUES: tuple[str | None, ...] = (None, "break-guest-write", "break-snapshot")
 FAULT_SITES = ("source-read", "target-write")
-FAULT_ERRNOS = (errno_mod.EIO, errno_mod.ENOSPC)
+# The errnos a fault injects.  None is special on the paths involved: the guest
+# request and the job's end report strerror() of it, the ``enospc`` policy stops on
+# ENOSPC only (ECANCELED, EAGAIN, EINTR, ETIMEDOUT and EACCES, which QEMU's job, retry,
+# cbw-timeout and broken-snapshot paths use themselves, are left out).
+FAULT_ERRNOS = (errno_mod.EIO, errno_mod.ENOSPC, errno_mod.EPERM, errno_mod.EINVAL,
+                errno_mod.ENOMEM)
+ARMING_DELAYS = (0, 1, 2, 3)  # requests a set-state chain lets pass before the rule
 JOB_POLICIES: tuple[str | None, ...] = (None, "report", "stop", "ignore", "enospc")
 BRAKE = 1                 # bytes/s: a job copies its first chunk, then waits
 CRUISE_SPEED = 64 * MiB   # a released job that ignores errors retries ~1000 times a second
@@ -119,13 +131,15 @@ class FaultPlan:
     cluster: int | None = None     # limited to this cluster's first sector; None: any I/O
     once: bool = True
     errno: int = errno_mod.EIO
+    after: int = 0  # armed only after this many requests of its site (set-state chain)
 
     def describe(self) -> str:
         if self.site is None:
             return "no fault"
         where = f"cluster {self.cluster}" if self.cluster is not None else "any offset"
+        armed = f", armed after {self.after} {self.site.split('-')[1]}s" if self.after else ""
         return (f"{self.site} {errno_mod.errorcode[self.errno]} "
-                f"{'once' if self.once else 'persistent'} at {where}")
+                f"{'once' if self.once else 'persistent'} at {where}{armed}")
 
     def strikes(self, site: str, offset: int, length: int) -> bool:
         """Does an I/O of ``site`` on [offset, offset + length) meet the rule?"""
@@ -208,8 +222,13 @@ class CbwModel:
     source: bytearray = field(default_factory=lambda: bytearray(original_image()))
     copied: set[int] = field(default_factory=set)        # in the copy-before-write target
     job_done: set[int] = field(default_factory=set)      # in a push job's backup image
+    # Copied by a sync=full job after its snapshot broke: the source's data of then,
+    # which the documentation does not promise to be the point in time.
+    after_break: set[int] = field(default_factory=set)
     broken: bool = False
     fault_spent: bool = False
+    site_requests: int = 0  # requests of the fault's site so far (its blkdebug event)
+    unknown: str | None = None  # why the model cannot say what comes next (it stops)
     detached: bool = False  # the filter is gone (its job ended): writes are not copied
     job_state: str = "none"  # none | braked | running | paused | spinning | ended
     speed: int = BRAKE
@@ -226,7 +245,13 @@ class CbwModel:
         return self.job_state not in ("none", "ended")
 
     def _io_fails(self, site: str, offset: int, length: int) -> bool:
-        if self.fault_spent or not self.fault.strikes(site, offset, length):
+        """One request of ``site`` on [offset, offset + length): does it fail?  Every
+        request of the fault's site raises its blkdebug event, which a set-state chain
+        counts, whatever its sector."""
+        if site == self.fault.site:
+            self.site_requests += 1
+        if self.fault_spent or not self.fault.strikes(site, offset, length) or \
+                self.site_requests <= self.fault.after:
             return False
         if self.fault.once:
             self.fault_spent = True
@@ -291,6 +316,16 @@ class CbwModel:
         return Expected(None, original_pattern(first), why="the point-in-time data",
                         data=self.point_in_time(offset, length))
 
+    def source_read(self, offset: int, length: int) -> Expected:
+        """A read of the source node itself, below the filter (HMP qemu-io on it): the
+        source's data as it is now, or the fault.  Its temporary BlockBackend drains
+        the source's parents when it goes (the caller applies :meth:`drained`)."""
+        if self._io_fails("source-read", offset, length):
+            return Expected(error_text(self.fault.errno),
+                            why="the read of the source meets the fault")
+        return Expected(None, why="the source's current data",
+                        data=bytes(self.source[offset:offset + length]))
+
     # ---------------------------------------------------------------- the job
     def job_start(self) -> bool:
         """A sync=full or push job starts braked: it copies cluster 0, then waits.
@@ -323,12 +358,19 @@ class CbwModel:
             trial.job_set_speed(speed)
         return trial.job_state == "spinning" and trial.spin_errno != errno_mod.EACCES
 
-    def drained(self) -> None:
-        """A qemu-io on a node (fleecing layouts' guest requests and snapshot reads)
-        drains the graph when it lets go of the node: the job pauses for a moment, which
-        abandons a braked job's failed first chunk as a pause does (:meth:`job_pause`)."""
-        if self.job_state == "braked":
-            self.job_failure = None
+    def drained(self) -> list[JobEvent]:
+        """A qemu-io on a node (fleecing layouts' guest requests and snapshot reads, a
+        read of the source node) drains the graph when it lets go of the node: the job
+        pauses for a moment, which abandons a braked job's failed first chunk as a
+        pause does (:meth:`job_pause`); a braked job with nothing left to copy (the
+        guest's copies did it) then completes, as after a resume (:meth:`job_resume`).
+        The job events that must follow."""
+        if self.job_state != "braked":
+            return []
+        self.job_failure = None
+        if all(c in self.job_done for c in range(CLUSTERS)):
+            return self._job_runs()
+        return []
 
     def job_pause(self) -> None:
         """block-job-pause.  A braked job whose first chunk failed has not reported
@@ -375,6 +417,8 @@ class CbwModel:
         self.job_done.add(cluster)
         if self.layout == SYNC_FULL:
             self.copied.add(cluster)
+            if self.broken:
+                self.after_break.add(cluster)
         return None
 
     def _job_runs(self) -> list[JobEvent]:
@@ -385,7 +429,9 @@ class CbwModel:
             return []
         failure, self.job_failure = self.job_failure, None
         if failure is None:
-            for cluster in [c for c in range(CLUSTERS) if c not in self.job_done]:
+            pending = [c for c in range(CLUSTERS) if c not in self.job_done]
+            self._order_decides(len(pending))
+            for cluster in pending:
                 failed = self._job_copy(cluster)
                 if failed is not None and failure is None:
                     failure = failed
@@ -400,6 +446,22 @@ class CbwModel:
                              why="break-snapshot: the snapshot broke, so the backup based "
                                  "on it must finally fail")]
         return [JobEvent("completed", why="every cluster copied without error")]
+
+    def _order_decides(self, batch: int) -> None:
+        """A released sync=full job issues its ``batch`` reads in order, but writes
+        each cluster to the target when its read completes: in an order nobody
+        knows.  If the target's fault would pick one of those writes by its place in
+        that order (a set-state chain that arms within the batch, or a once-only rule
+        for any offset), the model cannot say which cluster fails: it says so
+        (``unknown``) and the explorer stops checking that example."""
+        fault = self.fault
+        if self.layout != SYNC_FULL or fault.site != "target-write" or self.fault_spent \
+                or batch < 2:
+            return
+        first, last, arming = self.site_requests + 1, self.site_requests + batch, fault.after + 1
+        if first < arming <= last or (fault.cluster is None and fault.once and arming <= last):
+            self.unknown = (f"the job's {batch} concurrent target writes meet a fault armed "
+                            f"at write {arming} in an order QEMU does not fix")
 
     def _job_error(self, operation: str, code: int) -> list[JobEvent]:
         """The job's own I/O failed: BLOCK_JOB_ERROR, then what its policy says."""

@@ -5,7 +5,11 @@ guest runs, a virtio-scsi controller for the backup layouts' disks) serves them 
 Each example (:class:`CbwRig`) adds its own nodes, named with its own prefix, on its
 own raw images (and, for a backup layout, its own SCSI disk), and removes all of them
 when it ends: nothing of one example is left for the next
-(``harness/tests/test_explorer.py`` proves it).
+(``harness/tests/test_explorer.py`` proves it).  A ``blockdev-add`` costs about the
+same for one node as for a tree of them, so the graph is added in as few commands as
+QEMU allows (:func:`example_graph`), and the job's status is read from its events
+rather than asked for (:meth:`CbwRig.job_status`): commands are most of an example's
+time.
 
 Backup layouts write through a disk, as the suite does (ARCHITECTURE.md): the job's
 filter goes with the job, which may end at any step, and QEMU moves the disk back to
@@ -13,7 +17,7 @@ the source then; a node name would be gone.
 
 A QEMU that stops answering (the push backup's livelock) is killed at once
 (:meth:`CbwRig.abandon`); the next example gets a fresh one.  So does every
-:data:`EXAMPLES_PER_QEMU`-th example, to keep its event list short.
+:data:`EXAMPLES_PER_QEMU`-th example, to keep its logs short.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..block.blkdebug import BlkdebugRules, InjectError, blkdebug_node
+from ..block.blkdebug import BlkdebugRules, blkdebug_node
 from ..block.images import Images
 from ..block.topology import Layout, Topology
-from ..errors import WaitTimeout
+from ..errors import CommandFailed, WaitTimeout
 from ..qemu import probe
 from ..qemu.builds import QemuBuild
 from ..qemu.machine import Machine
@@ -53,7 +57,7 @@ _RULE_PLACES = {"source-read": ("source", "read_aio", "read"),
                 "target-write": ("target", "write_aio", "write")}
 COMMAND_TIMEOUT = 2.0   # replies take milliseconds; a livelocked QEMU never replies
 EVENT_TIMEOUT = 5.0     # a job's next event comes within milliseconds when it comes
-EXAMPLES_PER_QEMU = 100
+EXAMPLES_PER_QEMU = 300
 CONTROLLER = "scsi0"
 # The disk's CHS geometry (256 KiB), given so that the disk does not read sector 0 to
 # guess it: that read would consume a one-shot blkdebug rule that names no sector.
@@ -67,8 +71,8 @@ def fault_rules(fault: FaultPlan, role: str) -> BlkdebugRules | None:
         return None
     _, event, iotype = _RULE_PLACES[fault.site]
     sector = None if fault.cluster is None else fault.cluster * CLUSTER // SECTOR
-    return BlkdebugRules([InjectError(event, iotype=iotype, errno=fault.errno, sector=sector,
-                                      once=fault.once)])
+    return BlkdebugRules.fail(event, iotype=iotype, errno=fault.errno, sector=sector,
+                              once=fault.once, skip=fault.after)
 
 
 _PROBED: dict[str, probe.BuildInfo] = {}
@@ -177,6 +181,33 @@ def _job_event(event: dict[str, Any]) -> JobEvent:
     return JobEvent("completed", error=data.get("error"))
 
 
+def example_graph(topology: Topology, fault: FaultPlan) -> list[dict[str, Any]]:
+    """The ``blockdev-add`` arguments of an example's graph, as few as QEMU allows: each
+    node that only one other node uses is defined inline in that one (fleecing: one
+    tree, snapshot-access at its top; push: and the backup image; backup layouts:
+    source and target, whose parents come later).  Deleting a top node deletes what
+    it defined inline."""
+    discard = {"discard": "unmap"} if topology.unmap else {}
+    defined: dict[str, dict[str, Any]] = {}
+    for role in topology.image_roles:
+        # Relative to QEMU's working directory, the topology's folder: a replay
+        # runs the same commands in a folder of its own.
+        image = {"driver": "file", "filename": topology.image(role).name}
+        file: dict[str, Any] = image
+        if role in ("source", "target"):
+            file = blkdebug_node(topology.node(f"{role}-debug"), image,
+                                 fault_rules(fault, role))
+        defined[topology.node(role)] = {"driver": "raw", "node-name": topology.node(role),
+                                        **discard, "file": file}
+    for node in topology.filter_nodes():
+        node = dict(node)
+        for child in ("file", "target"):
+            if isinstance(node.get(child), str) and node[child] in defined:
+                node[child] = defined.pop(node[child])
+        defined[node["node-name"]] = node
+    return list(defined.values())
+
+
 class CbwRig:
     """One example's graph: raw source and target over blkdebug (the fault's rule, or
     none); fleecing: the copy-before-write node and snapshot-access on top; push: and
@@ -199,18 +230,7 @@ class CbwRig:
             for role in self.topology.image_roles[1:]:
                 with open(self.topology.image(role), "wb") as f:
                     f.truncate(IMAGE_SIZE)
-        discard = {"discard": "unmap"} if topology.unmap else {}
-        for role in self.topology.image_roles:
-            # Relative to QEMU's working directory, the topology's folder: a replay
-            # runs the same commands in a folder of its own.
-            image = {"driver": "file", "filename": self.topology.image(role).name}
-            file: dict[str, Any] = image
-            if role in ("source", "target"):
-                file = blkdebug_node(self.topology.node(f"{role}-debug"), image,
-                                     fault_rules(fault, role))
-            self._add({"driver": "raw", "node-name": self.topology.node(role), **discard,
-                       "file": file})
-        for node in self.topology.filter_nodes():
+        for node in example_graph(topology, fault):
             self._add(node)
         if self.topology.writes_through_device:
             self.device = f"{topology.prefix}disk"
@@ -282,19 +302,29 @@ class CbwRig:
         return next((j for j in self.vm.cmd("query-jobs") if j["id"] == self.job), None)
 
     def job_status(self) -> str | None:
-        """The job's status (query-jobs); None once it is gone."""
+        """The job's status as of QEMU's last reply, from its events: QEMU sends a
+        JOB_STATUS_CHANGE for every change, before the reply to any later command (no
+        command needed).  None before it was created and once it is gone."""
+        status = None
+        for event in self.vm.events_named("JOB_STATUS_CHANGE", {"id": self.job}):
+            status = event["data"]["status"]
+        return None if status == "null" else status
+
+    def queried_job_status(self) -> str | None:
+        """The job's status by ``query-jobs`` (a command: the state now); None once it
+        is gone."""
         job = self._query()
         return None if job is None else str(job["status"])
 
     def job_status_becomes(self, status: str) -> str | None:
-        """Poll query-jobs (bounded) until the job has ``status``; the last status."""
-        last: list[str | None] = [None]
-
-        def check() -> bool | None:
-            last[0] = self.job_status()
-            return True if last[0] == status else None
-        self._poll(check, f"job status {status}")
-        return last[0]
+        """Wait (bounded) until the job's events say ``status``, or that it ended; the
+        last status (None: gone)."""
+        ends = (status, "concluded", "aborting", None)
+        try:
+            self.vm.wait_for(lambda: self.job_status() in ends, f"job {self.job} {status}")
+        except WaitTimeout:
+            pass
+        return self.job_status()
 
     def _poll(self, check: Callable[[], bool | None], what: str,
               timeout: float = EVENT_TIMEOUT) -> bool:
@@ -356,6 +386,13 @@ class CbwRig:
         return self.vm.qemu_io(self.topology.snapshot_node,
                                f"read -P {pattern:#x} {part}{offset} {length}", device=False)
 
+    def source_read(self, offset: int, length: int, pattern: int | None) -> QemuIoResult:
+        """Read the source node itself (checking ``pattern`` if given): qemu-io's
+        BlockBackend on it drains the source's parents when it goes."""
+        check = "" if pattern is None else f"-P {pattern:#x} "
+        return self.vm.qemu_io(self.topology.node("source"), f"read {check}{offset} {length}",
+                               device=False)
+
     def image_bytes(self, role: str) -> bytes:
         """The ``source``, ``target`` or ``backup`` image as it is on disk now (QEMU
         writes through the page cache, which this read sees)."""
@@ -374,7 +411,10 @@ class CbwRig:
         """End the job, remove the example's disk, nodes (top down) and images."""
         if not self.dead:
             if self.job_present and self.job_status() is not None:
-                self.cancel_job()
+                try:
+                    self.cancel_job()
+                except CommandFailed:  # it ended meanwhile (as its events will say)
+                    self.vm.wait_job_status(self.job, "null")
             if self.device is not None:
                 self.vm.cmd("device_del", {"id": self.device})
                 self.vm.wait_event("DEVICE_DELETED", {"device": self.device})
