@@ -136,16 +136,18 @@ def boot(launch_vm, images, guest_image, report_disks):
 
 
 @pytest.fixture
-def shared_boot(shared_run, guest_image, report_disks):
-    """``shared_boot(group, disks, mine)``: one guest on ``disks``, the disks of every test
-    of ``group``, booted once for the whole group (``shared_run``: whichever test asks
-    first boots it, the others check the same run); the summary table gets this test's
-    disks, ``mine``, only."""
-    def run(group: str, disks: list[GuestDisk], mine: Iterable[str]) -> GuestRun:
+def shared_boot(request, shared_run, guest_image, report_disks):
+    """``shared_boot(disks, mine)``: one guest on ``disks``, the disks of every test marked
+    ``shares`` with the same group, booted once for the whole group (``shared_run``:
+    whichever test asks first boots it, the others check the same run); the summary table
+    gets this test's disks, ``mine``, only."""
+    group = request.node.get_closest_marker("shares").args[0]
+
+    def run(disks: list[GuestDisk], mine: Iterable[str]) -> GuestRun:
         def boot_group(launch_vm: Callable[..., Any], images: Images) -> GuestRun:
             return run_guest(launch_vm, images, guest_image, disks, standard_plan(disks),
-                             name=f"guest-{group}")
-        result: GuestRun = shared_run(f"guest-{group}", boot_group)
+                             name=group)
+        result: GuestRun = shared_run(group, boot_group)
         report_disks(result, mine)
         return result
     return run
@@ -286,13 +288,14 @@ def werror_stop_disks(value: str | None) -> list[GuestDisk]:
 
 
 @BREAKING
+@pytest.mark.shares("guest-werror-stop")
 def test_werror_stop_pauses_until_the_fault_is_gone(shared_boot, build_info, images,
                                                     on_cbw_error):
     """Per fault site, two werror=stop disks: ``once`` (one-shot fault: the first ``cont``
     completes the write) and ``always`` (persistent: ``cont`` stops again; cancelling the
     backup job drops the filter, and the next ``cont`` completes the write)."""
     mine = werror_stop_disks(on_cbw_error)
-    run = shared_boot("werror-stop", [d for v in backup_values_run(build_info, BREAKS_GUEST_WRITE)
+    run = shared_boot([d for v in backup_values_run(build_info, BREAKS_GUEST_WRITE)
                                       for d in werror_stop_disks(v)], [d.name for d in mine])
     assert {s.status for d in mine for s in run.disk(d.name).stops} == {"io-error"}
     names = run.event_names()
@@ -334,12 +337,12 @@ JOB_ENDS_DISKS = [GuestDisk(at(site, "disk"), on_cbw_error="break-snapshot",
 
 
 def break_snapshot_boot(shared_boot, mine: list[GuestDisk]) -> GuestRun:
-    run: GuestRun = shared_boot("break-snapshot", UNAWARE_DISKS + JOB_ENDS_DISKS,
-                                [d.name for d in mine])
+    run: GuestRun = shared_boot(UNAWARE_DISKS + JOB_ENDS_DISKS, [d.name for d in mine])
     return run
 
 
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
+@pytest.mark.shares("guest-break-snapshot")
 def test_break_snapshot_keeps_the_guest_unaware(shared_boot, images):
     """break-snapshot, per fault site: a report disk (one-shot fault) and a stop disk
     (persistent fault): no error reaches the guest or QMP, and the backup misses what the
@@ -363,6 +366,7 @@ def test_break_snapshot_keeps_the_guest_unaware(shared_boot, images):
 
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
 @pytest.mark.departure("sync-none-broken-snapshot-runs-on")
+@pytest.mark.shares("guest-break-snapshot")
 def test_break_snapshot_ends_the_backup_job(shared_boot):
     """break-snapshot, a one-shot fault at each site: the write goes through, and the
     backup job based on the broken snapshot must not go on."""
@@ -378,6 +382,7 @@ FLEECING_VALUES = [*BREAKS_GUEST_WRITE, "break-snapshot"]
 
 
 @FLEECING
+@pytest.mark.shares("guest-fleecing")
 @pytest.mark.parametrize("on_cbw_error", FLEECING_VALUES, ids=value_id)
 def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error):
     """A copy-before-write node with snapshot-access on top, a one-shot fault at each
@@ -385,7 +390,7 @@ def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error)
     def disks(value: str | None) -> list[GuestDisk]:
         return [GuestDisk(of_value(value, at(site, "fleece")), layout=Layout.FLEECING,
                           on_cbw_error=value, fault=Fault(site, once=True)) for site in SITES]
-    run = shared_boot("fleecing", [d for v in FLEECING_VALUES for d in disks(v)],
+    run = shared_boot([d for v in FLEECING_VALUES for d in disks(v)],
                       [d.name for d in disks(on_cbw_error)])
     for name in (of_value(on_cbw_error, at(site, "fleece")) for site in SITES):
         d = run.disk(name)

@@ -110,6 +110,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "selftest: a test of the harness itself")
     config.addinivalue_line("markers", "waits: the test waits seconds of real time (a "
                             "timeout, a throttled copy): run among the first")
+    config.addinivalue_line("markers", "shares(key): the test checks the run it shares "
+                            "(shared_run) with the other tests of this key: only the "
+                            "first of them pays for it")
     config.addinivalue_line("markers", "slow: the slow tier: long waits for no verdict a "
                             "shorter case lacks, and end-to-end runs of the tools (git "
                             "bisect, the CI template, replays of a guest or a livelock); "
