@@ -100,8 +100,9 @@ DEPARTURES: tuple[Departure, ...] = (
                    "copy-before-write filter is the fleecing scheme's reader: it sees the "
                    "filter's disk as it was when the filter was added (paraphrased)",
         observed="reads the whole request from the source, not the copied part from the "
-                 "target: the reader gets the guest's new data for the copied cluster "
-                 "(reads that end inside the copied cluster are right)",
+                 "target: the reader gets the guest's new data for the copied cluster, or "
+                 "the source's read error where the source now fails there (reads that "
+                 "end inside the copied cluster are right)",
         seen_on=("7.2.22",),
         fixed_in=(10, 0)),
     Departure(
