@@ -25,11 +25,12 @@ run: provision
 # Two tiers, as QEMU's own make check: SPEED=quick (the default) leaves out the slow
 # tier (-m slow: long timeouts that add waiting and no new verdict over a shorter case,
 # and end-to-end runs of the tools: git bisect, the CI template, replays of a guest and
-# of a livelock); SPEED=slow runs everything, and is what CI runs.  make run runs the
-# suite's slow tests too.  A -m in PYTEST_ARGS replaces this one.
+# of a livelock); SPEED=slow runs everything (CI runs the two tiers one after the
+# other: .ci/run).  make run runs the suite's slow tests too.  A -m in PYTEST_ARGS
+# replaces this one.
 SPEED ?= quick
 ifeq ($(filter quick slow,$(SPEED)),)
-$(error SPEED=$(SPEED): use SPEED=quick (the default) or SPEED=slow (everything, as CI))
+$(error SPEED=$(SPEED): use SPEED=quick (the default) or SPEED=slow (both tiers))
 endif
 TIER_MARKS := $(if $(filter quick,$(SPEED)),-m "not slow")
 check: provision lint
