@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..block.images import Images
-from ..errors import AbnormalShutdown, HarnessError
+from ..errors import HarnessError
 from ..qemu import builds, probe
 from ..qemu.conversation import render
-from ..qemu.machine import Machine
+from ..qemu.machine import Launcher, Machine
 from ..qemu.reproducer import write_replay
 from ..qemu.transcript import Transcript, compare, reference_path
 from .departures import departure_of
@@ -233,44 +233,19 @@ def images(qemu_build: builds.QemuBuild, workdir: Path) -> Images:
     return Images(qemu_build, workdir)
 
 
-class _Launcher:
-    """``launch(args, name=..., **machine_options)`` in one folder; :meth:`shut_down` ends
-    every machine it started and raises the first abnormal exit (a signal, a non-zero
-    status), unless the test declared it expects one."""
-
-    def __init__(self, config: pytest.Config, build: builds.QemuBuild, folder: Path):
-        self.build, self.folder = build, folder
-        self.qmp_timeout: float | None = config.getoption("qmp_timeout")
-        self.started: list[Machine] = []
-
-    def __call__(self, args: list[str] | tuple[str, ...] = (), *, name: str | None = None,
-                 **kwargs: Any) -> Machine:
-        if self.qmp_timeout is not None:
-            kwargs.setdefault("command_timeout", self.qmp_timeout)
-            kwargs.setdefault("event_timeout", self.qmp_timeout)
-        vm = Machine(self.build, self.folder, name=name or f"vm{len(self.started)}",
-                     args=args, **kwargs)
-        self.started.append(vm)
-        _live_machines.add(vm)
-        return vm.launch()
-
-    def shut_down(self, expected_abnormal_exit: str | None = None) -> list[AbnormalShutdown]:
-        problems: list[AbnormalShutdown] = []
-        for vm in self.started:
-            if expected_abnormal_exit is not None:
-                vm.expect_abnormal_exit(expected_abnormal_exit)
-            try:
-                vm.shutdown()
-            except AbnormalShutdown as exc:
-                problems.append(exc)
-        return problems
+def _launcher(config: pytest.Config, build: builds.QemuBuild, folder: Path) -> Launcher:
+    """Machines in ``folder`` with the run's QMP time limit, each known to the Ctrl-C
+    handler (``_live_machines``)."""
+    timeout = config.getoption("qmp_timeout")
+    defaults = {} if timeout is None else {"command_timeout": timeout, "event_timeout": timeout}
+    return Launcher(build, folder, defaults=defaults, on_start=_live_machines.add)
 
 
 @pytest.fixture
 def launch_vm(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
               workdir: Path) -> Iterator[Callable[..., Machine]]:
     """Factory: ``vm = launch_vm(args=[...])`` starts a machine, torn down with the test."""
-    launch = _Launcher(request.config, qemu_build, workdir)
+    launch = _launcher(request.config, qemu_build, workdir)
     yield launch
     # QEMU's exit is part of the verdict: an abort or a non-zero status (also in answer
     # to quit) fails the test, unless it declared it expects one.
@@ -295,7 +270,7 @@ def shared_run(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
 
     def run(key: str, make: Callable[[Callable[..., Machine], Images], Any]) -> Any:
         def in_folder(folder: Path) -> Any:
-            launch = _Launcher(request.config, qemu_build, folder)
+            launch = _launcher(request.config, qemu_build, folder)
             try:
                 result = make(launch, Images(qemu_build, folder))
             finally:

@@ -744,19 +744,51 @@ class Machine:
         self.shutdown()
 
 
-@contextlib.contextmanager
-def launcher(build: QemuBuild, folder: Path) -> Iterator[Callable[..., Machine]]:
-    """``launch(args, name=..., **machine_options)`` outside pytest (benchmarks,
-    scripts), as the ``launch_vm`` fixture does inside it: every machine it started is
-    shut down when the block ends, whatever happened."""
-    started: list[Machine] = []
+class Launcher:
+    """``launch(args, name=..., **machine_options)``: machines in one folder, started
+    with ``defaults`` for their options; :meth:`shut_down` ends every one it started and
+    returns the abnormal exits met (a signal, a non-zero status) instead of raising the
+    first, so that none is left running.  ``on_start`` sees each machine launched (the
+    pytest plugin's registry of live machines, for Ctrl-C)."""
 
-    def launch(args: Sequence[str] = (), *, name: str = "vm", **kwargs: Any) -> Machine:
-        vm = Machine(build, folder, name=name, args=args, **kwargs)
-        started.append(vm)
+    def __init__(self, build: QemuBuild, folder: Path, *,
+                 defaults: Mapping[str, Any] | None = None,
+                 on_start: Callable[[Machine], None] | None = None):
+        self.build, self.folder = build, folder
+        self.defaults = dict(defaults or {})
+        self.on_start = on_start
+        self.started: list[Machine] = []
+
+    def __call__(self, args: Sequence[str] = (), *, name: str | None = None,
+                 **kwargs: Any) -> Machine:
+        vm = Machine(self.build, self.folder, name=name or f"vm{len(self.started)}",
+                     args=args, **{**self.defaults, **kwargs})
+        self.started.append(vm)
+        if self.on_start is not None:
+            self.on_start(vm)
         return vm.launch()
+
+    def shut_down(self, expected_abnormal_exit: str | None = None) -> list[AbnormalShutdown]:
+        problems: list[AbnormalShutdown] = []
+        for vm in self.started:
+            if expected_abnormal_exit is not None:
+                vm.expect_abnormal_exit(expected_abnormal_exit)
+            try:
+                vm.shutdown()
+            except AbnormalShutdown as exc:
+                problems.append(exc)
+        return problems
+
+
+@contextlib.contextmanager
+def launcher(build: QemuBuild, folder: Path) -> Iterator[Launcher]:
+    """A :class:`Launcher` outside pytest (benchmarks, scripts), as the ``launch_vm``
+    fixture is inside it: every machine it started is shut down when the block ends,
+    whatever happened; the first abnormal exit is raised then."""
+    launch = Launcher(build, folder)
     try:
         yield launch
     finally:
-        for vm in started:
-            vm.shutdown()
+        problems = launch.shut_down()
+        if problems:
+            raise problems[0]
