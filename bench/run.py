@@ -16,8 +16,8 @@ Measures, in one run, each as median / min / max of N repeats:
   make-check-jN    (with --make-check [--jobs N ...]) one `make check` per JOBS value
                    (guest tests included): wall time, CPU time of all it ran, exit;
                    --speed slow times `make check SPEED=slow` (both tiers, as CI)
-Results go to stdout as a table and to bench/results.json.  On a loaded machine
-compare medians, not single runs.
+Results go to stdout as a table and to bench/results.json (a run of some entries
+updates those only).  On a loaded machine compare medians, not single runs.
 """
 
 from __future__ import annotations
@@ -251,7 +251,10 @@ def main() -> int:
         fixture_cost = p["median_ms"] - p["pytest_alone_ms"] - results["qemu-bare"]["median_ms"]
         print(f"harness overhead per pytest test (folder, fixtures, teardown): "
               f"{fixture_cost:+.1f} ms over bare QEMU")
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=1))
+    # A run of some entries (--only) updates those and keeps the others' last figures.
+    saved = ROOT / "bench" / "results.json"
+    kept = json.loads(saved.read_text()) if saved.exists() else {}
+    saved.write_text(json.dumps({**kept, **results}, indent=1))
     return 0
 
 

@@ -20,6 +20,7 @@ clusters, or a few bytes across a cluster boundary).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -147,6 +148,7 @@ class Tally:
     steps: int = 0
     known: list[KnownMet] = field(default_factory=list)
     unknown: int = 0  # examples the model stopped checking (CbwModel.unknown)
+    layouts: Counter[Layout] = field(default_factory=Counter)  # examples per layout drawn
 
 
 def _events_agree(expected: list[JobEvent], observed: list[JobEvent]) -> bool:
@@ -543,6 +545,7 @@ class CbwExplorer(RuleBasedStateMachine):
                                     label="on_source_error"),
                           data.draw(st.sampled_from(JOB_POLICIES), label="on_target_error"))
         self.tally.examples += 1
+        self.tally.layouts[layout] += 1
         setting = Setting(layout, on_cbw_error, fault, job)
         rig = self.session.new_rig(on_cbw_error, fault, layout=layout, job=job)
         self.example = Example(rig, setting, self.session.version, self.tally)

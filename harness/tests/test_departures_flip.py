@@ -33,7 +33,12 @@ class Flip:
     tests: tuple[str, ...]      # tests declaring the departure
     controls: tuple[str, ...]   # tests beside them that must still pass when it is fixed
     real_release: str | None = None  # where it is seen, if not on the build under test
-    slow: bool = False  # its fixed run waits out real timeouts: the slow tier
+    slow: bool = False  # its fixed run waits out real timeouts or boots a guest: slow tier
+    variant: str = ""   # tells apart two flips of one departure
+
+    @property
+    def id(self) -> str:
+        return f"{self.departure}-{self.variant}" if self.variant else self.departure
 
 
 FLIPS = (
@@ -41,9 +46,11 @@ FLIPS = (
          ("iotests/test_backup_sync_full.py::test_one_shot_fault[break-snapshot-target-write]",),
          ("iotests/test_backup_sync_full.py::test_control_without_fault[break-snapshot]",)),
     Flip("sync-none-broken-snapshot-runs-on",
-         ("iotests/test_backup_sync_none.py::test_fault[break-snapshot-source-read-once]",
-          "iotests/test_guest_delivery.py::test_break_snapshot_ends_the_backup_job"),
+         ("iotests/test_backup_sync_none.py::test_fault[break-snapshot-source-read-once]",),
          ("iotests/test_backup_sync_none.py::test_control_without_fault[break-snapshot]",)),
+    Flip("sync-none-broken-snapshot-runs-on",
+         ("iotests/test_guest_delivery.py::test_break_snapshot_ends_the_backup_job",), (),
+         slow=True, variant="guest"),
     Flip("ignore-on-broken-snapshot-livelocks",
          ("iotests/test_livelock.py::test_ignored_read_error_on_broken_snapshot[full-speed]",),
          ("iotests/test_livelock.py::test_ignored_read_error_on_broken_snapshot"
@@ -99,7 +106,7 @@ def _builds(flip: Flip, qemu_build: builds.QemuBuild, info: probe.BuildInfo
 
 
 def _tiered(flip: Flip) -> Any:
-    return pytest.param(flip, id=flip.departure, marks=[pytest.mark.slow] if flip.slow else [])
+    return pytest.param(flip, id=flip.id, marks=[pytest.mark.slow] if flip.slow else [])
 
 
 @pytest.mark.parametrize("flip", [_tiered(f) for f in FLIPS])
@@ -119,7 +126,7 @@ def test_fixed_qemu_flips_the_departure(tmp_path, qemu_build, build_info, flip):
 
 
 @pytest.mark.parametrize("flip", [f for f in FLIPS if f.real_release is not None],
-                         ids=lambda f: f.departure)
+                         ids=lambda f: f.id)
 def test_real_qemu_shows_the_departure(tmp_path, qemu_build, build_info, flip):
     """The departures seen on another release show there.  (Those of the build under
     test show in the suite's own run beside this one: each is a strict xfail there.)"""
@@ -156,12 +163,13 @@ def test_regression_rule_fails_the_suite(tmp_path, qemu_build, build_info):
 def test_runxfail_bisects_on_the_livelock_bounded(tmp_path, qemu_build):
     """--runxfail: the departure is a plain failure on the real build (the harness kills
     the livelocked QEMU in seconds) and a plain pass on the fixed one."""
-    test = FLIPS[2].tests
+    livelock = next(f for f in FLIPS if f.departure == "ignore-on-broken-snapshot-livelocks")
+    test = livelock.tests
     start = time.monotonic()
     real = run_suite(tmp_path, qemu_build, test, "--runxfail")
     assert time.monotonic() - start < 60, "the livelocked QEMU was not ended in time"
     assert real.returncode == 1, real.stdout
     assert "QEMUUnresponsive" in real.stdout
-    fixed = make_build(tmp_path / "fixed", qemu_build, [FLIPS[2].departure])
+    fixed = make_build(tmp_path / "fixed", qemu_build, [livelock.departure])
     good = run_suite(tmp_path, fixed, test, "--runxfail")
     assert good.returncode == 0, good.stdout

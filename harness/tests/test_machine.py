@@ -57,11 +57,11 @@ def test_sigstopped_qemu_is_reported_unresponsive_and_torn_down(launch_vm):
     vm.kill(signal.SIGSTOP)
     start = time.monotonic()
     with pytest.raises(QEMUUnresponsive) as info:
-        vm.cmd("query-status", timeout=1.5)
+        vm.cmd("query-status", timeout=0.5)
     assert time.monotonic() - start < 4
     assert "stopped answering" in str(info.value) and "stopped (SIGSTOP?)" in str(info.value)
     start = time.monotonic()
-    vm.shutdown(quit_timeout=1)
+    vm.shutdown(quit_timeout=0.5)
     assert time.monotonic() - start < 5
     assert vm.killed_by_harness
     assert process_gone(pid)
