@@ -142,7 +142,9 @@ SEGV_WHILE_BOOTING = "&\nq=$!\nsleep 1\nkill -SEGV $q\nwait $q\nkill -SEGV $$"
 @pytest.mark.guest
 # A guest's QEMU meets the same teardown as any other: one death after quit and one
 # mid-test (test_abnormal_exit_fails_the_test covers each status without a guest).
-@pytest.mark.parametrize("how", ["exit-1-on-quit", "sigsegv-mid-test"])
+# The death after quit waits for a whole boot and the plan: the slow tier.
+@pytest.mark.parametrize("how", [pytest.param("exit-1-on-quit", marks=pytest.mark.slow),
+                                 "sigsegv-mid-test"])
 def test_abnormal_exit_of_a_guest_fails_the_test(tmp_path, qemu_build, guest_image, how):
     if how == "sigsegv-mid-test":
         qemu = wrapper(tmp_path, qemu_build, "")

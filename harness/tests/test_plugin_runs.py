@@ -52,6 +52,44 @@ def run_pytest(tmp: Path, test_source: str, *args: str, env: dict[str, str] | No
                           timeout=180)
 
 
+# Loaded (-p) into an inner pytest that a test interrupts: SIGUSR1 then prints the stack
+# of every thread of every process of it (controller and xdist workers), so that an
+# interrupted run that does not end in time shows where it is.
+STACK_DUMPER = """
+import faulthandler, signal
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+"""
+
+
+def run_interruptible(tmp: Path, test_source: str, *args: str, env: dict[str, str],
+                      build: builds.QemuBuild) -> subprocess.Popen[str]:
+    """``run_pytest(..., wait=False)``, its processes ready to show their stacks
+    (:func:`ended_within`)."""
+    (tmp / "cbw_stack_dumper.py").write_text(STACK_DUMPER)
+    path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH")) if p)
+    proc: subprocess.Popen[str] = run_pytest(tmp, test_source, "-p", "cbw_stack_dumper", *args,
+                                             build=build, wait=False,
+                                             env={**env, "PYTHONPATH": path})
+    return proc
+
+
+def ended_within(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """The output of ``proc`` once it ends; if it has not ended within ``timeout`` s, the
+    test fails with the stacks of all its threads (SIGUSR1) and it is killed."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGUSR1)
+        try:
+            out, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        pytest.fail(f"the inner pytest did not end within {timeout:g} s of {what}; its "
+                    f"output, with the stacks of its threads at that moment:\n{out[-12000:]}")
+
+
 def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text()):
@@ -125,18 +163,17 @@ def test_deep_tmpdir_run(tmp_path, qemu_build):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_interrupted_run_leaves_no_qemu(tmp_path, qemu_build, sig):
     pidfile = tmp_path / "qemu.pid"
-    proc = run_pytest(tmp_path, HANGING_TEST, build=qemu_build,
-                      env={"PIDFILE": str(pidfile)}, wait=False)
+    proc = run_interruptible(tmp_path, HANGING_TEST, build=qemu_build,
+                             env={"PIDFILE": str(pidfile)})
     try:
         qemu_pid = int(wait_for_file(pidfile, proc))
         os.kill(proc.pid, sig)
-        proc.wait(timeout=15)
+        out = ended_within(proc, 15, sig.name)
         deadline = time.monotonic() + 5
         while not process_gone(qemu_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert process_gone(qemu_pid), f"QEMU {qemu_pid} outlived pytest ({sig.name})"
         if sig == signal.SIGINT:
-            out = proc.stdout.read()
             assert "KeyboardInterrupt" in out
             assert "cbw-harness: interrupted: killed 1 running QEMU process; removing " in out
     finally:
@@ -153,14 +190,14 @@ def test_interrupted_xdist_run_is_quick_says_so_and_cleans_up(tmp_path, qemu_bui
     source = HANGING_TEST.replace('os.environ["PIDFILE"]',
                                   'os.environ["PIDFILE"] + os.environ["PYTEST_XDIST_WORKER"]')
     source += "\ndef test_waits_too(launch_vm):\n    test_waits(launch_vm)\n"
-    proc = run_pytest(tmp_path, source, "-n", "2", build=qemu_build, wait=False,
-                      env={"PIDFILE": str(tmp_path / "qemu.pid."), "TMPDIR": str(tmpdir)})
+    proc = run_interruptible(tmp_path, source, "-n", "2", build=qemu_build,
+                             env={"PIDFILE": str(tmp_path / "qemu.pid."), "TMPDIR": str(tmpdir)})
     try:
         pids = [int(wait_for_file(tmp_path / f"qemu.pid.gw{n}", proc)) for n in (0, 1)]
         assert list(tmpdir.glob("cbw-run-*")), "the run keeps its folder in TMPDIR"
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out = ended_within(proc, 30, "SIGINT")
         took = time.monotonic() - start
     finally:
         if proc.poll() is None:
