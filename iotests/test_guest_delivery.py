@@ -215,6 +215,49 @@ def assert_regions(images: Images, path: Path, want: dict[int, str], what: str) 
 
 
 # --------------------------------------------------------------------------- tests
+def kind_disk(kind: str, once: bool) -> GuestDisk:
+    """The disk of test_disk_kind_report for ``kind`` and ``once``."""
+    return GuestDisk(f"{kind.split('-')[-1]}-{'once' if once else 'always'}", kind=kind,
+                     werror="report", fault=Fault("target-write", once=once))
+
+
+# One SCSI or ATA disk per guest (guest_devices): each joins another test's guest.  This
+# test comes first: each guest's first test, which conftest runs among the long ones and
+# which boots it, then runs on every build (the others may need a capability).
+KIND_BOOTS = (("virtio-scsi", True, BOOT_FLEECING), ("virtio-scsi", False, BOOT_OMITTED),
+              ("ahci", True, BOOT_BREAK_SNAPSHOT), ("ahci", False, BOOT_BREAK_GUEST_WRITE))
+
+
+@pytest.mark.parametrize("kind, once", [
+    pytest.param(kind, once, id=f"{kind}-{'once' if once else 'always'}",
+                 marks=pytest.mark.shares(key)) for kind, once, key in KIND_BOOTS])
+def test_disk_kind_report(shared_boot, images, kind, once):
+    """SCSI (virtio-scsi + scsi-hd) and ATA (ahci + ide-hd) disks, werror=report, on-cbw-error
+    left to its default: QEMU reports the error to the guest's driver, which retries the
+    write (SCSI midlayer: Aborted Command; libata error handling).  A one-shot fault is
+    gone at the retry: the guest sees success, and the retry was copied first.  A
+    persistent one fails every retry and the write."""
+    disk = kind_disk(kind, once)
+    run = shared_boot([disk])
+    name = disk.name
+    d = run.disk(name)
+    assert_block_io_errors(d, "report")
+    if once:
+        for off in GUEST_WRITES:
+            assert_write_succeeded_in_guest(run, name, off)
+        assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
+                       "the guest's retry went through")
+        assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES},
+                       "the retried write was copied before it went through")
+        assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
+    else:
+        for off in GUEST_WRITES:
+            assert_write_failed_in_guest(run, name, off)
+        assert_regions(images, d.source, {off: "old" for off in GUEST_WRITES},
+                       "failed writes left the old data")
+        assert_reads_work(run, name, {})
+
+
 # One boot serves both fault sites: each disk is named after its site ("target-..." for a
 # fault on the target's write, "source-..." on the source's read) and its role.  Tests
 # that differ only by the on-cbw-error value share one boot (shared_boot): their disks
@@ -415,47 +458,6 @@ def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error)
             bad = {off: r.output for off, r in d.snapshot_reads.items() if not r.ok}
             assert not bad, f"{name}: the snapshot must still read as the old data: {bad}"
             assert_reads_work(run, name, {FIRST: ORIGINAL, GUEST_WRITES[1]: NEW})
-
-
-def kind_disk(kind: str, once: bool) -> GuestDisk:
-    """The disk of test_disk_kind_report for ``kind`` and ``once``."""
-    return GuestDisk(f"{kind.split('-')[-1]}-{'once' if once else 'always'}", kind=kind,
-                     werror="report", fault=Fault("target-write", once=once))
-
-
-# One SCSI or ATA disk per guest (guest_devices): each joins another test's guest.
-KIND_BOOTS = (("virtio-scsi", True, BOOT_FLEECING), ("virtio-scsi", False, BOOT_OMITTED),
-              ("ahci", True, BOOT_BREAK_SNAPSHOT), ("ahci", False, BOOT_BREAK_GUEST_WRITE))
-
-
-@pytest.mark.parametrize("kind, once", [
-    pytest.param(kind, once, id=f"{kind}-{'once' if once else 'always'}",
-                 marks=pytest.mark.shares(key)) for kind, once, key in KIND_BOOTS])
-def test_disk_kind_report(shared_boot, images, kind, once):
-    """SCSI (virtio-scsi + scsi-hd) and ATA (ahci + ide-hd) disks, werror=report, on-cbw-error
-    left to its default: QEMU reports the error to the guest's driver, which retries the
-    write (SCSI midlayer: Aborted Command; libata error handling).  A one-shot fault is
-    gone at the retry: the guest sees success, and the retry was copied first.  A
-    persistent one fails every retry and the write."""
-    disk = kind_disk(kind, once)
-    run = shared_boot([disk])
-    name = disk.name
-    d = run.disk(name)
-    assert_block_io_errors(d, "report")
-    if once:
-        for off in GUEST_WRITES:
-            assert_write_succeeded_in_guest(run, name, off)
-        assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
-                       "the guest's retry went through")
-        assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES},
-                       "the retried write was copied before it went through")
-        assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
-    else:
-        for off in GUEST_WRITES:
-            assert_write_failed_in_guest(run, name, off)
-        assert_regions(images, d.source, {off: "old" for off in GUEST_WRITES},
-                       "failed writes left the old data")
-        assert_reads_work(run, name, {})
 
 
 # ----------------------------------------------------------------------- the boots
