@@ -215,6 +215,7 @@ def assert_regions(images: Images, path: Path, want: dict[int, str], what: str) 
 
 
 # --------------------------------------------------------------------------- tests
+
 def kind_disk(kind: str, once: bool) -> GuestDisk:
     """The disk of test_disk_kind_report for ``kind`` and ``once``."""
     return GuestDisk(f"{kind.split('-')[-1]}-{'once' if once else 'always'}", kind=kind,
@@ -258,10 +259,10 @@ def test_disk_kind_report(shared_boot, images, kind, once):
         assert_reads_work(run, name, {})
 
 
-# One boot serves both fault sites: each disk is named after its site ("target-..." for a
-# fault on the target's write, "source-..." on the source's read) and its role.  Tests
-# that differ only by the on-cbw-error value share one boot (shared_boot): their disks
-# are named after the value too.
+# A guest serves both fault sites, and several tests (boot_disks): each disk is named
+# after its site ("target-..." for a fault on the target's write, "source-..." on the
+# source's read) and its role, and where tests differ only by the on-cbw-error value,
+# after the value too.
 
 # Short: a disk's node-names end in "-snapshot", and QEMU keeps 31 characters of one.
 VALUE_TAG = {None: "om", "break-guest-write": "bgw", "break-snapshot": "bs"}
@@ -471,7 +472,7 @@ def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error)
 # * SCSI and ATA disks are /dev/sd*, named in probe order, which is not fixed: one per
 #   guest (guest_devices()).  test_disk_kind_report has four, so four guests, which the
 #   other tests' disks join.
-# * The kernel command line (console.MAX_CMDLINE): about 14 disks of the standard plan.
+# * The kernel command line (console.MAX_CMDLINE): about 15 disks of the standard plan.
 # A werror=stop disk pauses the whole guest until the harness answers; the guest runs
 # its operations one at a time, so no other disk's I/O is in flight meanwhile.
 # Lines per guest: omitted / break-guest-write: 6 (write errors: per site 1 for the
