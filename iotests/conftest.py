@@ -31,14 +31,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first, the rest in their order: with tests handed to xdist workers a few
     at a time (see pytest_configure), no worker is left with the long ones at the end.
     Of tests that share a run (marker ``shares``), the first pays for it and the others
-    take milliseconds: they go with the short ones, so that no worker waits for the run
-    another is making."""
+    take milliseconds: they go last, so that no worker waits for the run another is
+    making."""
     sharing: set[str] = set()
     rank: dict[str, int] = {}
     for item in items:
         shares = item.get_closest_marker("shares")
         if shares is not None and shares.args[0] in sharing:
-            rank[item.nodeid] = 2
+            rank[item.nodeid] = 3
         else:
             rank[item.nodeid] = _cost_rank(item)
             if shares is not None:

@@ -26,12 +26,14 @@ and the disks show:
 
 Each disk has its own source (filled with ORIGINAL), target, filter and job; the guest
 writes NEW at GUEST_WRITES, where the fault's sector-targeted rules sit, and reads
-UNTOUCHED regions.  One boot serves several disks where their checks stay apart.
+UNTOUCHED regions.  Four boots serve every test (see "The boots" below): each test
+checks its own disks of a guest it shares with others.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -69,16 +71,26 @@ SITES = ("target-write", "source-read")
 EIO = errno_text(errno.EIO)
 FIRST = GUEST_WRITES[0]
 ON_CBW_ERROR_BACKUP = "blockdev-backup.on-cbw-error"
+FLEECING_NEEDS = ("copy-before-write.on-cbw-error", "snapshot-access")
+
+# The guests (keys of shared_boot), by what they serve first; boot_disks() lists their disks.
+BOOT_OMITTED = "guest-omitted"
+BOOT_BREAK_GUEST_WRITE = "guest-break-guest-write"
+BOOT_FLEECING = "guest-fleecing"
+BOOT_BREAK_SNAPSHOT = "guest-break-snapshot"
+BOOT_OF_VALUE = {None: BOOT_OMITTED, "break-guest-write": BOOT_BREAK_GUEST_WRITE}
 
 
 def backup_values(values):
-    """on-cbw-error values for blockdev-backup: an explicit one needs QEMU 10.1+."""
-    return [pytest.param(v, id=value_id(v), marks=[] if v is None else
-                         pytest.mark.requires(ON_CBW_ERROR_BACKUP)) for v in values]
+    """on-cbw-error values for blockdev-backup (an explicit one needs QEMU 10.1+), each
+    checked in the guest of its value."""
+    return [pytest.param(v, id=value_id(v), marks=[
+        pytest.mark.shares(BOOT_OF_VALUE[v]),
+        *([] if v is None else [pytest.mark.requires(ON_CBW_ERROR_BACKUP)])]) for v in values]
 
 
 BREAKING = pytest.mark.parametrize("on_cbw_error", backup_values(BREAKS_GUEST_WRITE))
-FLEECING = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")
+FLEECING = pytest.mark.requires(*FLEECING_NEEDS)
 
 
 # ------------------------------------------------------------------------- running
@@ -126,29 +138,25 @@ def report_disks(images, summary_row, build_info):
 
 
 @pytest.fixture
-def boot(launch_vm, images, guest_image, report_disks):
-    """``boot(*disks)``: one guest on these disks running the standard plan."""
-    def run(*disks: GuestDisk) -> GuestRun:
-        result = run_guest(launch_vm, images, guest_image, list(disks), standard_plan(list(disks)))
-        report_disks(result, result.disks)
-        return result
-    return run
+def shared_boot(request, shared_run, guest_image, report_disks, build_info):
+    """``shared_boot(mine)``: the guest the test's ``shares`` marker names, on
+    ``boot_disks(key, build_info)`` (the same disks for every test that shares it),
+    running the standard plan; booted once (``shared_run``: whichever test asks first
+    boots it, the others check the same run).  ``mine``, the test's own disks, must be
+    among them; the summary table gets these only."""
+    key = request.node.get_closest_marker("shares").args[0]
+    disks = boot_disks(key, build_info)
 
+    def run(mine: list[GuestDisk]) -> GuestRun:
+        strays = [d.name for d in mine if d not in disks]
+        assert not strays, f"disks {strays} are not in the guest {key}: see boot_disks()"
 
-@pytest.fixture
-def shared_boot(request, shared_run, guest_image, report_disks):
-    """``shared_boot(disks, mine)``: one guest on ``disks``, the disks of every test marked
-    ``shares`` with the same group, booted once for the whole group (``shared_run``:
-    whichever test asks first boots it, the others check the same run); the summary table
-    gets this test's disks, ``mine``, only."""
-    group = request.node.get_closest_marker("shares").args[0]
-
-    def run(disks: list[GuestDisk], mine: Iterable[str]) -> GuestRun:
         def boot_group(launch_vm: Callable[..., Any], images: Images) -> GuestRun:
             return run_guest(launch_vm, images, guest_image, disks, standard_plan(disks),
-                             name=group)
-        result: GuestRun = shared_run(group, boot_group)
-        report_disks(result, mine)
+                             name=key)
+        result: GuestRun = shared_run(key, boot_group)
+        assert_kernel_logged_all(result, key, disks)
+        report_disks(result, [d.name for d in mine])
         return result
     return run
 
@@ -207,10 +215,54 @@ def assert_regions(images: Images, path: Path, want: dict[int, str], what: str) 
 
 
 # --------------------------------------------------------------------------- tests
-# One boot serves both fault sites: each disk is named after its site ("target-..." for a
-# fault on the target's write, "source-..." on the source's read) and its role.  Tests
-# that differ only by the on-cbw-error value share one boot (shared_boot): their disks
-# are named after the value too.
+
+def kind_disk(kind: str, once: bool) -> GuestDisk:
+    """The disk of test_disk_kind_report for ``kind`` and ``once``."""
+    return GuestDisk(f"{kind.split('-')[-1]}-{'once' if once else 'always'}", kind=kind,
+                     werror="report", fault=Fault("target-write", once=once))
+
+
+# One SCSI or ATA disk per guest (guest_devices): each joins another test's guest.  This
+# test comes first: each guest's first test, which conftest runs among the long ones and
+# which boots it, then runs on every build (the others may need a capability).
+KIND_BOOTS = (("virtio-scsi", True, BOOT_FLEECING), ("virtio-scsi", False, BOOT_OMITTED),
+              ("ahci", True, BOOT_BREAK_SNAPSHOT), ("ahci", False, BOOT_BREAK_GUEST_WRITE))
+
+
+@pytest.mark.parametrize("kind, once", [
+    pytest.param(kind, once, id=f"{kind}-{'once' if once else 'always'}",
+                 marks=pytest.mark.shares(key)) for kind, once, key in KIND_BOOTS])
+def test_disk_kind_report(shared_boot, images, kind, once):
+    """SCSI (virtio-scsi + scsi-hd) and ATA (ahci + ide-hd) disks, werror=report, on-cbw-error
+    left to its default: QEMU reports the error to the guest's driver, which retries the
+    write (SCSI midlayer: Aborted Command; libata error handling).  A one-shot fault is
+    gone at the retry: the guest sees success, and the retry was copied first.  A
+    persistent one fails every retry and the write."""
+    disk = kind_disk(kind, once)
+    run = shared_boot([disk])
+    name = disk.name
+    d = run.disk(name)
+    assert_block_io_errors(d, "report")
+    if once:
+        for off in GUEST_WRITES:
+            assert_write_succeeded_in_guest(run, name, off)
+        assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
+                       "the guest's retry went through")
+        assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES},
+                       "the retried write was copied before it went through")
+        assert_reads_work(run, name, {off: NEW for off in GUEST_WRITES})
+    else:
+        for off in GUEST_WRITES:
+            assert_write_failed_in_guest(run, name, off)
+        assert_regions(images, d.source, {off: "old" for off in GUEST_WRITES},
+                       "failed writes left the old data")
+        assert_reads_work(run, name, {})
+
+
+# A guest serves both fault sites, and several tests (boot_disks): each disk is named
+# after its site ("target-..." for a fault on the target's write, "source-..." on the
+# source's read) and its role, and where tests differ only by the on-cbw-error value,
+# after the value too.
 
 # Short: a disk's node-names end in "-snapshot", and QEMU keeps 31 characters of one.
 VALUE_TAG = {None: "om", "break-guest-write": "bgw", "break-snapshot": "bs"}
@@ -243,12 +295,13 @@ def write_error_disks(value: str | None) -> list[GuestDisk]:
 
 
 @BREAKING
-def test_write_error_reaches_the_guest(boot, images, on_cbw_error):
+def test_write_error_reaches_the_guest(shared_boot, images, on_cbw_error):
     """Per fault site, three disks: device default (one-shot fault), werror=report and
-    werror=ignore (persistent faults).  A boot of its own: the guest kernel logs at most
-    10 block I/O errors per 5 s (printk_ratelimited), and one value's disks come close."""
-    run = boot(*write_error_disks(on_cbw_error))
-    assert not run.stops and run.final_status != "io-error"
+    werror=ignore (persistent faults).  Six of the guest kernel's block I/O error lines:
+    one value's disks per guest (see boot_disks)."""
+    mine = write_error_disks(on_cbw_error)
+    run = shared_boot(mine)
+    assert not any(run.disk(d.name).stops for d in mine) and run.final_status != "io-error"
     for name in (of_value(on_cbw_error, at(site, role)) for site in SITES
                  for role in ("default", "report")):
         d = run.disk(name)
@@ -288,17 +341,17 @@ def werror_stop_disks(value: str | None) -> list[GuestDisk]:
 
 
 @BREAKING
-@pytest.mark.shares("guest-werror-stop")
-def test_werror_stop_pauses_until_the_fault_is_gone(shared_boot, build_info, images,
-                                                    on_cbw_error):
+def test_werror_stop_pauses_until_the_fault_is_gone(shared_boot, images, on_cbw_error):
     """Per fault site, two werror=stop disks: ``once`` (one-shot fault: the first ``cont``
     completes the write) and ``always`` (persistent: ``cont`` stops again; cancelling the
     backup job drops the filter, and the next ``cont`` completes the write)."""
     mine = werror_stop_disks(on_cbw_error)
-    run = shared_boot([d for v in backup_values_run(build_info, BREAKS_GUEST_WRITE)
-                                      for d in werror_stop_disks(v)], [d.name for d in mine])
+    run = shared_boot(mine)
     assert {s.status for d in mine for s in run.disk(d.name).stops} == {"io-error"}
-    names = run.event_names()
+    # The guest's other disks report or ignore their errors: their events are not ours.
+    mine_nodes = {run.disk(d.name).filter_node for d in mine}
+    names = [e["event"] for e in run.events if e["event"] == "STOP" or (
+        e["event"] == "BLOCK_IO_ERROR" and e["data"].get("node-name") in mine_nodes)]
     for i, name in enumerate(names):
         if name == "BLOCK_IO_ERROR":
             assert "STOP" in names[i + 1:i + 3], f"no STOP after BLOCK_IO_ERROR: {names}"
@@ -326,7 +379,7 @@ def test_werror_stop_pauses_until_the_fault_is_gone(shared_boot, build_info, ima
         assert always.job_status is None, f"{always.disk.name}: the cancelled job is still there"
 
 
-# The two break-snapshot tests below share one boot.
+# The two break-snapshot tests below share one guest.
 UNAWARE_DISKS = [disk for site in SITES for disk in (
     GuestDisk(at(site, "report"), werror="report", on_cbw_error="break-snapshot",
               fault=Fault(site, once=True)),
@@ -336,18 +389,13 @@ JOB_ENDS_DISKS = [GuestDisk(at(site, "disk"), on_cbw_error="break-snapshot",
                             fault=Fault(site, once=True)) for site in SITES]
 
 
-def break_snapshot_boot(shared_boot, mine: list[GuestDisk]) -> GuestRun:
-    run: GuestRun = shared_boot(UNAWARE_DISKS + JOB_ENDS_DISKS, [d.name for d in mine])
-    return run
-
-
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
-@pytest.mark.shares("guest-break-snapshot")
+@pytest.mark.shares(BOOT_BREAK_SNAPSHOT)
 def test_break_snapshot_keeps_the_guest_unaware(shared_boot, images):
     """break-snapshot, per fault site: a report disk (one-shot fault) and a stop disk
     (persistent fault): no error reaches the guest or QMP, and the backup misses what the
     guest overwrote."""
-    run = break_snapshot_boot(shared_boot, UNAWARE_DISKS)
+    run = shared_boot(UNAWARE_DISKS)
     for disk in UNAWARE_DISKS:
         assert not run.disk(disk.name).stops, f"{disk.name}: break-snapshot: the guest paused"
         assert not run.disk(disk.name).io_errors, f"{disk.name}: break-snapshot: BLOCK_IO_ERROR"
@@ -366,11 +414,11 @@ def test_break_snapshot_keeps_the_guest_unaware(shared_boot, images):
 
 @pytest.mark.requires("blockdev-backup.on-cbw-error")
 @pytest.mark.departure("sync-none-broken-snapshot-runs-on")
-@pytest.mark.shares("guest-break-snapshot")
+@pytest.mark.shares(BOOT_BREAK_SNAPSHOT)
 def test_break_snapshot_ends_the_backup_job(shared_boot):
     """break-snapshot, a one-shot fault at each site: the write goes through, and the
     backup job based on the broken snapshot must not go on."""
-    run = break_snapshot_boot(shared_boot, JOB_ENDS_DISKS)
+    run = shared_boot(JOB_ENDS_DISKS)
     for site in SITES:
         name = at(site, "disk")
         assert write_at(run, name, FIRST).ok, name
@@ -381,17 +429,18 @@ def test_break_snapshot_ends_the_backup_job(shared_boot):
 FLEECING_VALUES = [*BREAKS_GUEST_WRITE, "break-snapshot"]
 
 
+def fleecing_disks(value: str | None) -> list[GuestDisk]:
+    return [GuestDisk(of_value(value, at(site, "fleece")), layout=Layout.FLEECING,
+                      on_cbw_error=value, fault=Fault(site, once=True)) for site in SITES]
+
+
 @FLEECING
-@pytest.mark.shares("guest-fleecing")
+@pytest.mark.shares(BOOT_FLEECING)
 @pytest.mark.parametrize("on_cbw_error", FLEECING_VALUES, ids=value_id)
 def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error):
     """A copy-before-write node with snapshot-access on top, a one-shot fault at each
     site; the snapshot is read after the guest's end, as an export would read it."""
-    def disks(value: str | None) -> list[GuestDisk]:
-        return [GuestDisk(of_value(value, at(site, "fleece")), layout=Layout.FLEECING,
-                          on_cbw_error=value, fault=Fault(site, once=True)) for site in SITES]
-    run = shared_boot([d for v in FLEECING_VALUES for d in disks(v)],
-                      [d.name for d in disks(on_cbw_error)])
+    run = shared_boot(fleecing_disks(on_cbw_error))
     for name in (of_value(on_cbw_error, at(site, "fleece")) for site in SITES):
         d = run.disk(name)
         if on_cbw_error == "break-snapshot":
@@ -412,30 +461,68 @@ def test_fleecing_snapshot_under_guest_writes(shared_boot, images, on_cbw_error)
             assert_reads_work(run, name, {FIRST: ORIGINAL, GUEST_WRITES[1]: NEW})
 
 
-@pytest.mark.parametrize("once", [True, False], ids=["once", "always"])
-@pytest.mark.parametrize("kind", ["virtio-scsi", "ahci"])
-def test_disk_kind_report(boot, images, kind, once):
-    """SCSI (virtio-scsi + scsi-hd) and ATA (ahci + ide-hd) disks, werror=report, on-cbw-error
-    left to its default: QEMU reports the error to the guest's driver, which retries the
-    write (SCSI midlayer: Aborted Command; libata error handling).  A one-shot fault is
-    gone at the retry: the guest sees success, and the retry was copied first.  A
-    persistent one fails every retry and the write.  (One such disk per guest: the
-    kernel names /dev/sd* in an order that is not fixed.)"""
-    run = boot(GuestDisk("disk", kind=kind, werror="report",
-                         fault=Fault("target-write", once=once)))
-    d = run.disk("disk")
-    assert_block_io_errors(d, "report")
-    if once:
-        for off in GUEST_WRITES:
-            assert_write_succeeded_in_guest(run, "disk", off)
-        assert_regions(images, d.source, {off: "new" for off in GUEST_WRITES},
-                       "the guest's retry went through")
-        assert_regions(images, d.target, {off: "old" for off in GUEST_WRITES},
-                       "the retried write was copied before it went through")
-        assert_reads_work(run, "disk", {off: NEW for off in GUEST_WRITES})
-    else:
-        for off in GUEST_WRITES:
-            assert_write_failed_in_guest(run, "disk", off)
-        assert_regions(images, d.source, {off: "old" for off in GUEST_WRITES},
-                       "failed writes left the old data")
-        assert_reads_work(run, "disk", {})
+# ----------------------------------------------------------------------- the boots
+# A guest boot costs ~4 CPU-seconds under TCG, a disk's plan a fraction of that: four
+# guests serve every test, each test checking its own disks.  What bounds a guest:
+# * Its kernel logs at most KERNEL_ERROR_BURST block I/O error lines ("I/O error, dev X,
+#   sector ...") per 5 s: printk_ratelimited in blk_print_req_error, per call site, not
+#   tunable.  assert_write_failed_in_guest looks for them, so a guest's disks may fail no
+#   more writes in the guest than that (guest_failed_writes(); checked before the boot,
+#   and after it assert_kernel_logged_all() checks that the kernel logged no more).
+# * SCSI and ATA disks are /dev/sd*, named in probe order, which is not fixed: one per
+#   guest (guest_devices()).  test_disk_kind_report has four, so four guests, which the
+#   other tests' disks join.
+# * The kernel command line (console.MAX_CMDLINE): about 15 disks of the standard plan.
+# A werror=stop disk pauses the whole guest until the harness answers; the guest runs
+# its operations one at a time, so no other disk's I/O is in flight meanwhile.
+# Lines per guest: omitted / break-guest-write: 6 (write errors: per site 1 for the
+# one-shot default disk, 2 for report, 0 for ignore) + 0 (werror=stop) + 2 (the
+# persistent fault on the SCSI/ATA disk fails both writes); fleecing: 2 + 2 + 0 (one
+# one-shot fault per site; break-snapshot fails none) + 0 (a SCSI retry succeeds);
+# break-snapshot: 0.
+
+KERNEL_ERROR_BURST = 10
+_BLOCK_ERROR_LINE = re.compile(r"error, dev (\S+), sector ")
+
+
+def boot_disks(key: str, build_info) -> list[GuestDisk]:
+    """The disks of the guest ``key``: what this build runs of the tests sharing it (their
+    ``requires``), so every test sharing it boots the same guest."""
+    backup_values = backup_values_run(build_info, BREAKS_GUEST_WRITE)
+    backup_cbw = build_info.has(ON_CBW_ERROR_BACKUP)
+    fleecing = all(build_info.has(c) for c in FLEECING_NEEDS)
+    by_value = {BOOT_OF_VALUE[v]: write_error_disks(v) + werror_stop_disks(v)
+                for v in backup_values}
+    disks = {
+        BOOT_OMITTED: by_value.get(BOOT_OMITTED, []),
+        BOOT_BREAK_GUEST_WRITE: by_value.get(BOOT_BREAK_GUEST_WRITE, []),
+        BOOT_FLEECING: [d for v in FLEECING_VALUES for d in fleecing_disks(v)] if fleecing
+        else [],
+        BOOT_BREAK_SNAPSHOT: UNAWARE_DISKS + JOB_ENDS_DISKS if backup_cbw else [],
+    }[key] + [kind_disk(kind, once) for kind, once, k in KIND_BOOTS if k == key]
+    failing = sum(len(guest_failed_writes(d)) for d in disks)
+    assert failing <= KERNEL_ERROR_BURST, \
+        f"guest {key}: {failing} writes fail in the guest, and its kernel logs at most " \
+        f"{KERNEL_ERROR_BURST} of them: move disks to another guest"
+    return disks
+
+
+def guest_failed_writes(disk: GuestDisk) -> tuple[int, ...]:
+    """The writes of the standard plan that fail in the guest, each logging one block I/O
+    error line: none under werror=stop (the harness resumes them until they succeed),
+    werror=ignore or break-snapshot, nor where a SCSI/ATA driver's retry meets a one-shot
+    fault no more; else those meeting the fault."""
+    if disk.werror in ("stop", "ignore") or disk.on_cbw_error == "break-snapshot" or \
+            (disk.kind != "virtio-blk" and disk.fault.once):
+        return ()
+    return disk.fault.failing_writes()
+
+
+def assert_kernel_logged_all(run: GuestRun, key: str, disks: list[GuestDisk]) -> None:
+    """The guest kernel logged no more block I/O error lines than the guest's disks fail
+    writes: else its rate limit may have dropped some that a test looks for."""
+    logged = [m.text for m in run.report.kmsg if _BLOCK_ERROR_LINE.search(m.text)]
+    expected = sum(len(guest_failed_writes(d)) for d in disks)
+    assert len(logged) <= expected, \
+        f"guest {key}: the kernel logged {len(logged)} block I/O error lines, {expected} " \
+        f"expected (its rate limit keeps {KERNEL_ERROR_BURST}): {logged}"

@@ -1,7 +1,9 @@
 """The protocol with the guest's init: the I/O plan out, typed results back.
 
 Out: a list of operations (:class:`Read`, :class:`Write`) becomes the ``cbw.ops=``
-kernel parameter (:func:`guest_cmdline`).
+kernel parameter (:func:`guest_cmdline`), in a compact syntax (one letter per kind,
+the device without ``/dev/``: the command line holds 2047 bytes, and a boot serves
+a dozen disks of six operations each).
 Back: the serial console log becomes a :class:`GuestReport` (:func:`parse_console`),
 so tests never grep raw console text.  The line formats are documented in init.sh.
 """
@@ -64,7 +66,7 @@ class Read:
     def token(self) -> str:
         """This operation in ``cbw.ops`` syntax."""
         _check_io(self.device, self.offset, self.length, direct=True)
-        return f"read:{self.device}:{self.offset}:{self.length}"
+        return f"r:{_short(self.device)}:{self.offset}:{self.length}"
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ class Write:
             raise ConfigError(f"write pattern {self.pattern!r} is not a byte: use 0..255")
         if self.mode not in ("direct", "fsync"):
             raise ConfigError(f"write mode {self.mode!r} is unknown: use 'direct' or 'fsync'")
-        kind = "write" if self.mode == "direct" else "fsyncwrite"
-        return f"{kind}:{self.device}:{self.offset}:{self.length}:{self.pattern:02x}"
+        kind = "w" if self.mode == "direct" else "f"
+        return f"{kind}:{_short(self.device)}:{self.offset}:{self.length}:{self.pattern:02x}"
 
 
 Op = Read | Write
@@ -106,8 +108,17 @@ def _check_io(device: str, offset: int, length: int, direct: bool) -> None:
                           f"{DIRECT_ALIGN} bytes, or use Write(mode='fsync')")
 
 
+def _short(device: str) -> str:
+    """A device as ``cbw.ops`` names it: without ``/dev/`` (init puts it back)."""
+    return device.removeprefix("/dev/")
+
+
 def format_ops(ops: Sequence[Op]) -> str:
-    """The value of the ``cbw.ops`` kernel parameter for ``ops``."""
+    """The value of the ``cbw.ops`` kernel parameter for ``ops``: comma-separated
+    ``r:DEV:OFF:LEN`` (read), ``w:DEV:OFF:LEN:HEX`` (O_DIRECT write of the byte HEX),
+    ``f:DEV:OFF:LEN:HEX`` (buffered write + fsync); DEV is the path under ``/dev/``,
+    OFF and LEN are bytes.  The guest reports each as ``op=read|write|fsyncwrite
+    dev=/dev/DEV`` (init.sh)."""
     return ",".join(op.token() for op in ops)
 
 
@@ -117,11 +128,11 @@ def parse_ops(value: str) -> list[Op]:
     for token in filter(None, value.split(",")):
         kind, *args = token.split(":")
         try:
-            if kind == "read" and len(args) == 3:
-                ops.append(Read(args[0], int(args[1]), int(args[2])))
-            elif kind in ("write", "fsyncwrite") and len(args) == 4:
-                ops.append(Write(args[0], int(args[1]), int(args[2]), int(args[3], 16),
-                                 "direct" if kind == "write" else "fsync"))
+            if kind == "r" and len(args) == 3:
+                ops.append(Read("/dev/" + args[0], int(args[1]), int(args[2])))
+            elif kind in ("w", "f") and len(args) == 4:
+                ops.append(Write("/dev/" + args[0], int(args[1]), int(args[2]),
+                                 int(args[3], 16), "direct" if kind == "w" else "fsync"))
             else:
                 raise ValueError(token)
         except ValueError:

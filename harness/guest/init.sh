@@ -11,7 +11,10 @@
 #                                             (i=-1: an error logged during boot)
 #   CBW-DONE ops=N t=UPTIME                   the plan is over; power off follows
 # Parameters: cbw.ops=OP,OP,...  cbw.wait=SECONDS (disk wait, default 10).
-# OP: read:DEV:OFF:LEN | write:DEV:OFF:LEN:HEX | fsyncwrite:DEV:OFF:LEN:HEX
+# OP (short: the kernel command line holds 2047 bytes): r:DEV:OFF:LEN (read) |
+# w:DEV:OFF:LEN:HEX (O_DIRECT write) | f:DEV:OFF:LEN:HEX (buffered write + fsync);
+# DEV is the disk's path under /dev/, OFF and LEN in bytes, HEX the byte written.
+# CBW-RESULT names them in full: op=read|write|fsyncwrite dev=/dev/DEV.
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -82,10 +85,10 @@ ops=$(echo "$ops" | tr ',' ' ')
 devs=""
 for op in $ops; do
 	oldifs=$IFS; IFS=:; set -- $op; IFS=$oldifs
-	case $1 in read|write|fsyncwrite)
-		case " $devs " in *" $2 "*) ;; *) devs="$devs $2" ;; esac ;;
+	case $1 in r|w|f)
+		case " $devs " in *" /dev/$2 "*) ;; *) devs="$devs /dev/$2" ;; esac ;;
 	esac
-	case $1 in write|fsyncwrite) pattern_file "$4" "$5" > /dev/null ;; esac
+	case $1 in w|f) pattern_file "$4" "$5" > /dev/null ;; esac
 done
 # Wait (bounded) for them to appear.
 deadline=$(($(uptime_cs) + wait_s * 100))
@@ -103,7 +106,8 @@ echo "CBW-READY t=$start"
 i=0
 for op in $ops; do
 	oldifs=$IFS; IFS=:; set -- $op; IFS=$oldifs
-	kind=$1 dev=$2 off=$3 len=$4 pat=$5
+	case $1 in r) kind=read ;; w) kind=write ;; f) kind=fsyncwrite ;; *) kind=$1 ;; esac
+	dev=/dev/$2 off=$3 len=$4 pat=$5
 	read -r t0 _ < /proc/uptime  # no subshell: under TCG each fork costs
 	case $kind in
 	read)
