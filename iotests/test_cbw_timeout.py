@@ -22,8 +22,9 @@ Documented intent (qapi/block-core.json):
 The 2 s timeout runs the whole on-cbw-error matrix, with a follow-up write after the
 timeout; 5 s (the first whole second past the 4.29 s where QEMU < 9.1 wraps it), 10 s and
 30 s run the boundary pair for the default value only.  10 s and 30 s are the slow tail
-(``-m slow``: 13 s and 39 s of waiting for the verdict 5 s gives in 7 s): ``make run``
-runs them, ``make check`` does not.
+(``-m slow``: 13 s and 39 s of waiting for the verdict 5 s gives in 7 s; together with
+the others, the 30 s case makes them all wait 40 s, not 8): ``make run`` runs them,
+``make check`` does not.
 
 The cases are almost all waiting, so they wait together: the first of these tests to
 run (``shares`` marker, ``shared_run``) drives every case this session selected at once,

@@ -283,7 +283,7 @@ class TimeoutFleecing:
                  cbw_timeout: int | None = None, transcript: Transcript | None = None,
                  name: str = "vm"):
         self.launch_vm = launch_vm
-        self.name = name  # the machine's
+        self.name = name  # the machine's name, and its files'
         self.images = images
         self.plan = plan
         self.on_cbw_error = on_cbw_error
