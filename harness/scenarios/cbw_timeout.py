@@ -466,7 +466,7 @@ def _control_steps(f: TimeoutFleecing, case: TimeoutCase) -> None:
     f.check_source(case.regions())
 
 
-def _drive(f: TimeoutFleecing, case: TimeoutCase) -> None:
+def _drive(f: TimeoutFleecing, case: TimeoutCase, done: threading.Event) -> None:
     """A case's steps (QEMU already launched), in its own thread: what raises ends them
     and is recorded; QEMU is stopped in every case, by this thread (its event loop's)."""
     try:
@@ -478,6 +478,7 @@ def _drive(f: TimeoutFleecing, case: TimeoutCase) -> None:
             f.stop()
         except BaseException as exc:
             f.run.fail(exc, case.name)
+        done.set()
 
 
 # A killed QEMU ends its case's wait at once (its pidfd): the thread is done in well
@@ -496,7 +497,8 @@ def drive_together(cases: Sequence[TimeoutCase], launch: Launcher, images: Image
 
     The machines are launched here, one after another, not in the threads: QEMU is
     started with a ``preexec_fn`` (its parent-death signal), which Python documents as
-    unsafe where other threads run.
+    unsafe where other threads run.  A case's end is an Event, not ``Thread.join()``:
+    a join that a Ctrl-C interrupts may mark a running thread as stopped (CPython 3.11).
     """
     fleecings: list[tuple[TimeoutCase, TimeoutFleecing]] = []
     for case in cases:
@@ -506,7 +508,7 @@ def drive_together(cases: Sequence[TimeoutCase], launch: Launcher, images: Image
             Launcher(launch.build, folder, defaults=launch.defaults, on_start=launch.on_start),
             Images(images.build, folder), plan=case.plan, on_cbw_error=case.on_cbw_error,
             cbw_timeout=case.cbw_timeout, name=case.name)))
-    threads: dict[str, threading.Thread] = {}
+    running: dict[str, threading.Event] = {}  # set when the case's thread is done
     try:
         for case, f in fleecings:
             try:
@@ -515,20 +517,20 @@ def drive_together(cases: Sequence[TimeoutCase], launch: Launcher, images: Image
                 f.run.fail(exc, case.name)
         for case, f in fleecings:
             if f.run.error is None:
-                threads[case.name] = threading.Thread(
-                    target=_drive, args=(f, case), name=f"cbw-timeout {case.name}", daemon=True)
-                threads[case.name].start()
-        for thread in threads.values():
-            thread.join()
+                running[case.name] = threading.Event()
+                threading.Thread(target=_drive, args=(f, case, running[case.name]),
+                                 name=f"cbw-timeout {case.name}", daemon=True).start()
+        for done in running.values():
+            done.wait()
     except BaseException:
         for _, f in fleecings:
             f.kill()
-        for thread in threads.values():
-            thread.join(_KILLED_CASE_GRACE)
+        for done in running.values():
+            done.wait(_KILLED_CASE_GRACE)
         raise
     finally:
         for case, f in fleecings:
-            if not (case.name in threads and threads[case.name].is_alive()):
+            if case.name not in running or running[case.name].is_set():
                 try:
                     f.stop()  # done already, unless the case never got its thread
                 except Exception as exc:
