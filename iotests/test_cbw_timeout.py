@@ -75,11 +75,16 @@ TOGETHER = "cbw-timeout"
 WAIT_TOGETHER = pytest.mark.shares(TOGETHER)
 
 
+# The 2 s timeout writes a follow-up after the timed-out write; the longer ones keep to
+# the boundary pair.
+FOLLOW_UP_UP_TO = 2
+
+
 def timeout_case(name: str, on_cbw_error: str | None, timeout: int) -> TimeoutCase:
-    """The 2 s timeout writes a follow-up after the timed-out write; the longer ones keep
-    to the boundary pair.  Where the guest's write fails, the guest retries it."""
+    """Where the guest's write fails, the guest retries it once the copy is done."""
     return TimeoutCase(name, TimeoutPlan(timeout), on_cbw_error, cbw_timeout=timeout,
-                       follow_up=timeout <= 2, retry=on_cbw_error in BREAKS_GUEST_WRITE)
+                       follow_up=timeout <= FOLLOW_UP_UP_TO,
+                       retry=on_cbw_error in BREAKS_GUEST_WRITE)
 
 
 def control_case(name: str, cbw_timeout: int | None) -> TimeoutCase:
@@ -179,7 +184,7 @@ def test_timeout_boundary(timeout_run, check_transcript, on_cbw_error, timeout):
     plan = run.plan
     plan.check_margins()
     breaks_guest_write = on_cbw_error in BREAKS_GUEST_WRITE
-    follow_up = timeout <= 2          # the long timeouts keep to the boundary pair
+    follow_up = timeout <= FOLLOW_UP_UP_TO
 
     # Under the timeout: the copy completes, the write succeeds, the snapshot holds.
     assert_under(run.written("A (under)"), plan)
