@@ -27,12 +27,13 @@ def _cost_rank(item: pytest.Item) -> int:
     return 2
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselect: ranks among the tests that run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first, the rest in their order: with tests handed to xdist workers a few
     at a time (see pytest_configure), no worker is left with the long ones at the end.
-    Of tests that share a run (marker ``shares``), the first pays for it and the others
-    take milliseconds: they go last, so that no worker waits for the run another is
-    making."""
+    Of tests that share a run (marker ``shares``), the first selected pays for it and
+    the others take milliseconds: they go last, so that no worker waits for the run
+    another is making."""
     sharing: set[str] = set()
     rank: dict[str, int] = {}
     for item in items:

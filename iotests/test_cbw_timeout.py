@@ -22,8 +22,14 @@ Documented intent (qapi/block-core.json):
 The 2 s timeout runs the whole on-cbw-error matrix, with a follow-up write after the
 timeout; 5 s (the first whole second past the 4.29 s where QEMU < 9.1 wraps it), 10 s and
 30 s run the boundary pair for the default value only.  10 s and 30 s are the slow tail
-(``-m slow``: 13 s and 39 s of waiting for the verdict 5 s gives in 7 s): ``make run``
-runs them, ``make check`` does not.
+(``-m slow``: 13 s and 39 s of waiting for the verdict 5 s gives in 7 s; together with
+the others, the 30 s case makes them all wait 40 s, not 8): ``make run`` runs them,
+``make check`` does not.
+
+The cases are almost all waiting, so they wait together: the first of these tests to
+run (``shares`` marker, ``shared_run``) drives every case this session selected at once,
+one QEMU each (:func:`~harness.scenarios.cbw_timeout.drive_together`); each test then
+judges its own case's record, transcript and files.
 """
 
 from __future__ import annotations
@@ -32,21 +38,22 @@ import errno
 import functools
 import os
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 
-from harness.block.data import MiB
+from harness.block.images import Images
 from harness.errors import CommandFailed
 from harness.plugin.rows import timeout_row
+from harness.qemu.machine import Launcher
 from harness.scenarios.cbw_timeout import (
-    REGION_A,
-    REGION_B,
-    REGION_C,
-    REGION_U,
     TimedWrite,
+    TimeoutCase,
     TimeoutFleecing,
     TimeoutPlan,
+    TimeoutRun,
     Timing,
+    drive_together,
 )
 from iotests.expectations import BREAKS_GUEST_WRITE
 
@@ -63,6 +70,59 @@ SNAPSHOT_BROKEN = os.strerror(errno.EACCES)     # "Permission denied"
 # registry's entry applies to builds before 9.1 only.
 TIMEOUT_WRAPS = pytest.mark.departure("cbw-timeout-wraps")
 
+# The tests whose cases run together (one shared run).
+TOGETHER = "cbw-timeout"
+WAIT_TOGETHER = pytest.mark.shares(TOGETHER)
+
+
+# The 2 s timeout writes a follow-up after the timed-out write; the longer ones keep to
+# the boundary pair.
+FOLLOW_UP_UP_TO = 2
+
+
+def timeout_case(name: str, on_cbw_error: str | None, timeout: int) -> TimeoutCase:
+    """Where the guest's write fails, the guest retries it once the copy is done."""
+    return TimeoutCase(name, TimeoutPlan(timeout), on_cbw_error, cbw_timeout=timeout,
+                       follow_up=timeout <= FOLLOW_UP_UP_TO,
+                       retry=on_cbw_error in BREAKS_GUEST_WRITE)
+
+
+def control_case(name: str, cbw_timeout: int | None) -> TimeoutCase:
+    return TimeoutCase(f"no-timeout-{name}", TimeoutPlan(2), cbw_timeout=cbw_timeout,
+                       control=True)
+
+
+def case_of(item: pytest.Item) -> TimeoutCase | None:
+    """The case a test of this module judges (None: not one of the shared run's)."""
+    mark = item.get_closest_marker("shares")
+    if mark is None or mark.args[0] != TOGETHER or not isinstance(item, pytest.Function):
+        return None
+    params, name = item.callspec.params, item.callspec.id
+    if item.originalname == "test_timeout_boundary":
+        return timeout_case(name, cast("str | None", params["on_cbw_error"]),
+                            cast(int, params["timeout"]))
+    return control_case(name, cast("int | None", params["cbw_timeout"]))
+
+
+@pytest.fixture
+def timeout_run(request, shared_run, transcript, summary_row) -> TimeoutRun:
+    """This test's case as run together with every other case this session selected
+    (one run, whichever test asks first; only these cases, so that ``-k omitted-5s``
+    runs that one), with its transcript, summary row and files (its QEMU's QMP log and
+    output, its images) in the test's."""
+    mine = case_of(request.node)
+    assert mine is not None, f"{request.node.name} is not marked shares({TOGETHER!r})"
+    cases = [case for case in map(case_of, request.session.items) if case is not None]
+
+    def run_together(launch: Launcher, images: Images) -> dict[str, TimeoutRun]:
+        return drive_together(cases, launch, images)
+
+    runs: dict[str, TimeoutRun] = shared_run(TOGETHER, run_together, part=mine.name)
+    run = runs[mine.name]
+    transcript.lines[:] = run.transcript
+    report(run, summary_row)
+    return run
+
 
 @pytest.fixture
 def fleecing(launch_vm, images, transcript) -> Callable[..., TimeoutFleecing]:
@@ -70,11 +130,11 @@ def fleecing(launch_vm, images, transcript) -> Callable[..., TimeoutFleecing]:
     return functools.partial(TimeoutFleecing, launch_vm, images, transcript=transcript)
 
 
-def report(f: TimeoutFleecing, summary_row: Callable[..., None]) -> None:
+def report(run: TimeoutRun, summary_row: Callable[..., None]) -> None:
     """A summary row, and the measured durations (shown with -rP, never in the transcript)."""
-    if f.run.writes:
-        summary_row(**timeout_row(f.run))
-    print(f"write durations (s), cbw-timeout={f.cbw_timeout}: {f.run.durations()}")
+    if run.writes:
+        summary_row(**timeout_row(run))
+    print(f"write durations (s), cbw-timeout={run.cbw_timeout}: {run.durations()}")
 
 
 def inside_qemu(w: TimedWrite) -> str:
@@ -107,7 +167,7 @@ def assert_at_timeout(w: TimedWrite, plan: TimeoutPlan) -> None:
     assert w.timing == Timing.AT
 
 
-CASES = [  # the long ones first, so that xdist spreads them over the workers
+CASES = [  # the long ones first: the first test to run drives every case
     pytest.param(None, 30, id="omitted-30s", marks=[TIMEOUT_WRAPS, pytest.mark.slow]),
     pytest.param(None, 10, id="omitted-10s", marks=[TIMEOUT_WRAPS, pytest.mark.slow]),
     pytest.param(None, 5, id="omitted-5s", marks=TIMEOUT_WRAPS),
@@ -117,102 +177,86 @@ CASES = [  # the long ones first, so that xdist spreads them over the workers
 ]
 
 
+@WAIT_TOGETHER
 @pytest.mark.parametrize("on_cbw_error,timeout", CASES)
-def test_timeout_boundary(fleecing, check_transcript, summary_row, build_info, request,
-                          on_cbw_error, timeout):
-    plan = TimeoutPlan(timeout)
+def test_timeout_boundary(timeout_run, check_transcript, on_cbw_error, timeout):
+    run = timeout_run
+    plan = run.plan
     plan.check_margins()
     breaks_guest_write = on_cbw_error in BREAKS_GUEST_WRITE
-    follow_up = timeout <= 2          # the long timeouts keep to the boundary pair
-    f = fleecing(plan=plan, on_cbw_error=on_cbw_error, cbw_timeout=timeout)
-    f.start()
-    try:
-        # Under the timeout: the copy completes, the write succeeds, the snapshot holds.
-        under = f.write("A (under)", REGION_A, plan.under_size)
-        assert_under(under, plan)
-        assert f.read_snapshot("A", REGION_A, plan.under_size).ok
+    follow_up = timeout <= FOLLOW_UP_UP_TO
 
-        # Over the timeout: the timeout fires.
-        over = f.write("B (over)", REGION_B, plan.over_size)
-        assert_at_timeout(over, plan)
-        if breaks_guest_write:
-            assert over.error == TIMED_OUT, f"guest write not failed: {over.result.output!r}"
-        else:
-            assert over.ok, f"break-snapshot must continue the write: {over.result.output!r}"
+    # Under the timeout: the copy completes, the write succeeds, the snapshot holds.
+    assert_under(run.written("A (under)"), plan)
+    assert run.snapshot_read("A").ok
 
-        if follow_up:
-            # A second write whose copy also needs longer than the timeout.
-            after = f.write("C (follow-up)", REGION_C, plan.over_size)
-            if breaks_guest_write:
-                assert after.error == TIMED_OUT, after.result.output
-                assert_at_timeout(after, plan)
-            else:
-                # The snapshot is broken: no more copy-before-write, no more waiting.
-                assert after.ok, after.result.output
-                assert after.timing == Timing.IMMEDIATE, (
-                    f"write after the snapshot broke took {after.seconds:.2f} s"
-                    f"{inside_qemu(after)}")
+    # Over the timeout: the timeout fires.
+    over = run.written("B (over)")
+    assert_at_timeout(over, plan)
+    if breaks_guest_write:
+        assert over.error == TIMED_OUT, f"guest write not failed: {over.result.output!r}"
+    else:
+        assert over.ok, f"break-snapshot must continue the write: {over.result.output!r}"
 
-        f.lift_throttle()
-        labels = [("A again", REGION_A, plan.under_size), ("B", REGION_B, plan.over_size)]
-        if follow_up:
-            labels.append(("C", REGION_C, plan.over_size))
-        labels.append(("U (never written)", REGION_U, 1 * MiB))
-        reads = {label: f.read_snapshot(label, off, size) for label, off, size in labels}
-        if breaks_guest_write:
-            # The failed writes left the old data, and the snapshot holds it.
-            bad = {k: r.output for k, r in reads.items() if not r.ok}
-            assert not bad, f"snapshot reads failed with break-guest-write: {bad}"
-            # The guest retries once the copy is done: now it succeeds, the snapshot holds.
-            retry = f.write("B (retry)", REGION_B, plan.over_size, log_timing=False)
-            assert retry.ok and retry.seconds < plan.timeout, retry.result.output
-            assert f.read_snapshot("B after the retry", REGION_B, plan.over_size).ok
-        else:
-            # Documented: the snapshot is invalid, reading it fails.
-            wrong = {k: r.output for k, r in reads.items() if r.error != SNAPSHOT_BROKEN}
-            assert not wrong, f"snapshot reads after break-snapshot: {wrong}"
-    finally:
-        report(f, summary_row)
-
-    regions = {"A": (REGION_A, plan.under_size), "B": (REGION_B, plan.over_size),
-               "U": (REGION_U, 1 * MiB)}
     if follow_up:
-        regions["C"] = (REGION_C, plan.over_size)
-    run = f.check_source(regions)
-    # Every write that succeeded (or was retried) is in the source; U is untouched.
-    assert run.source_holds_new["A"] and run.source_holds_new["B"]
-    assert run.source_holds_original["U"]
+        # A second write whose copy also needs longer than the timeout.
+        after = run.written("C (follow-up)")
+        if breaks_guest_write:
+            assert after.error == TIMED_OUT, after.result.output
+            assert_at_timeout(after, plan)
+        else:
+            # The snapshot is broken: no more copy-before-write, no more waiting.
+            assert after.ok, after.result.output
+            assert after.timing == Timing.IMMEDIATE, (
+                f"write after the snapshot broke took {after.seconds:.2f} s"
+                f"{inside_qemu(after)}")
+
+    # With the throttle lifted:
+    labels = ["A again", "B"] + (["C"] if follow_up else []) + ["U (never written)"]
+    reads = {label: run.snapshot_read(label) for label in labels}
+    if breaks_guest_write:
+        # The failed writes left the old data, and the snapshot holds it.
+        bad = {k: r.output for k, r in reads.items() if not r.ok}
+        assert not bad, f"snapshot reads failed with break-guest-write: {bad}"
+        # The guest retries once the copy is done: now it succeeds, the snapshot holds.
+        retry = run.written("B (retry)")
+        assert retry.ok and retry.seconds < plan.timeout, retry.result.output
+        assert run.snapshot_read("B after the retry").ok
+    else:
+        # Documented: the snapshot is invalid, reading it fails.
+        wrong = {k: r.output for k, r in reads.items() if r.error != SNAPSHOT_BROKEN}
+        assert not wrong, f"snapshot reads after break-snapshot: {wrong}"
+
+    # With QEMU stopped: every write that succeeded (or was retried) is in the source;
+    # U is untouched.
+    assert run.holds_new("A") and run.holds_new("B")
+    assert run.holds_original("U")
     if follow_up:
-        assert run.source_holds_new["C"] is (not breaks_guest_write)
-        assert run.source_holds_original["C"] is breaks_guest_write
+        assert run.holds_new("C") is (not breaks_guest_write)
+        assert run.holds_original("C") is breaks_guest_write
+    run.raise_error()
     check_transcript()
 
 
+@WAIT_TOGETHER
 @pytest.mark.parametrize("cbw_timeout", [None, 0], ids=["unset", "zero"])
-def test_no_timeout_control(fleecing, check_transcript, summary_row, cbw_timeout):
+def test_no_timeout_control(timeout_run, check_transcript, cbw_timeout):
     """The 2 s runs' throttle and under write, no timeout: a write whose copy needs a second
     more than a timed-out write may take (T + slack) waits for its whole copy -- what the
     timeout cuts short in the runs above."""
-    plan = TimeoutPlan(2)
-    f = fleecing(plan=plan, cbw_timeout=cbw_timeout)
-    f.start()
-    try:
-        assert_under(f.write("A (under)", REGION_A, plan.under_size), plan)
-        over = f.write("B (over)", REGION_B, plan.control_size)
-        assert over.ok, over.result.output
-        assert over.seconds >= plan.copy_seconds(plan.control_size), (
-            f"the copy of {plan.control_size} bytes should take >= "
-            f"{plan.copy_seconds(plan.control_size):.1f} s, took {over.seconds:.2f} s")
-        assert over.timing == Timing.AFTER
-        f.lift_throttle()
-        for label, off, size in (("A", REGION_A, plan.under_size),
-                                 ("B", REGION_B, plan.control_size),
-                                 ("U (never written)", REGION_U, 1 * MiB)):
-            assert f.read_snapshot(label, off, size).ok
-    finally:
-        report(f, summary_row)
-    run = f.check_source({"A": (REGION_A, plan.under_size), "B": (REGION_B, plan.control_size)})
-    assert run.source_holds_new["A"] and run.source_holds_new["B"]
+    run = timeout_run
+    plan = run.plan
+    assert_under(run.written("A (under)"), plan)
+    over = run.written("B (over)")
+    assert over.ok, over.result.output
+    assert over.seconds >= plan.copy_seconds(plan.control_size), (
+        f"the copy of {plan.control_size} bytes should take >= "
+        f"{plan.copy_seconds(plan.control_size):.1f} s, took {over.seconds:.2f} s")
+    assert over.timing == Timing.AFTER
+    for label in ("A", "B", "U (never written)"):
+        assert run.snapshot_read(label).ok
+    assert run.holds_new("A") and run.holds_new("B")
+    run.raise_error()
     check_transcript()
 
 

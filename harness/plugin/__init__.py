@@ -264,11 +264,13 @@ def shared_run(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
     """``shared_run(key, make)``: ``make(launch_vm, images)`` run once for ``key`` in this
     run, whichever xdist worker asks first; its outcome is returned to every test that
     asks, with the run's files (QMP log, QEMU's output, images) linked into the test's
-    folder (:mod:`harness.plugin.shared`).  Every machine ``make`` starts is gone when it
-    returns; an abnormal exit among them is raised, to every test that asks."""
+    folder (:mod:`harness.plugin.shared`; ``part=``: the files of that subfolder only).
+    Every machine ``make`` starts with ``launch_vm`` is gone when it returns; an abnormal
+    exit among them is raised, to every test that asks."""
     base = harness_run(request.config).run_dir / "shared"
 
-    def run(key: str, make: Callable[[Callable[..., Machine], Images], Any]) -> Any:
+    def run(key: str, make: Callable[[Launcher, Images], Any], part: str | None = None
+            ) -> Any:
         def in_folder(folder: Path) -> Any:
             launch = _launcher(request.config, qemu_build, folder)
             try:
@@ -278,7 +280,7 @@ def shared_run(request: pytest.FixtureRequest, qemu_build: builds.QemuBuild,
             if problems:
                 raise problems[0]
             return result
-        return shared(base, key, workdir, in_folder)
+        return shared(base, key, workdir, in_folder, part)
     return run
 
 

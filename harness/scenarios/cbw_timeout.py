@@ -46,21 +46,33 @@ throttle busy.  :meth:`TimeoutFleecing.lift_throttle` removes the limit with
 nothing, since absent members keep their value): the throttle timer already armed
 still fires at its time (at most one task interval later), then the queued copy
 requests all go through.
+
+Cases, driven together
+----------------------
+A case (:class:`TimeoutCase`) is almost all waiting: for throttled copies and for the
+timeout.  Its steps follow from the case alone, never from what QEMU answers, so a case
+can be driven to its end first and judged after, from its record (:class:`TimeoutRun`).
+:func:`drive_together` drives several cases at once, each on its own QEMU, in its own
+folder and thread: they cost as long as the longest, not their sum.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import threading
 import time
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..block.data import NEW, ORIGINAL, MiB
 from ..block.images import Images
 from ..block.topology import SCENARIO_DEVICE, Layout, Topology, guest_device
-from ..qemu.machine import COMMAND_TIMEOUT, Machine
+from ..errors import HarnessError
+from ..qemu.machine import COMMAND_TIMEOUT, Launcher, Machine
 from ..qemu.qemu_io import QemuIoResult
 from ..qemu.transcript import Transcript, path_filter
 from .cbw import value_id
@@ -79,6 +91,8 @@ MAX_OVER = REGION_C - REGION_B          # 12 MiB, so B and C never overlap
 
 UNDER_SHARE = 0.3            # the under write's copy needs ~30 % of the timeout
 OVER_SHARE = 3.0             # the over write's copy needs >= 3x the timeout
+
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------- timing
@@ -196,9 +210,19 @@ class TimedWrite:
         return self.result.error
 
 
+class CaseError(HarnessError):
+    """What a case's run raised, where the exception itself cannot be pickled (a
+    :class:`~harness.errors.CommandFailed`): its type and message."""
+
+
 @dataclass
 class TimeoutRun:
-    """What one run of the layout saw."""
+    """What one run of the layout saw (picklable: a shared run's outcome).
+
+    The ``written`` / ``snapshot_read`` / ``holds_*`` accessors return a step's record,
+    or raise what ended the run before that step (:attr:`error`): a verdict read in the
+    order of the steps meets the failure where the run met it.
+    """
 
     on_cbw_error: str | None
     cbw_timeout: int | None
@@ -208,9 +232,46 @@ class TimeoutRun:
     read_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # (offset, size)
     source_holds_new: dict[str, bool] = field(default_factory=dict)
     source_holds_original: dict[str, bool] = field(default_factory=dict)
+    transcript: list[str] = field(default_factory=list)  # the lines, filtered
+    error: BaseException | None = None                   # what ended the run early
 
     def durations(self) -> dict[str, float]:
         return {label: round(w.seconds, 3) for label, w in self.writes.items()}
+
+    def fail(self, exc: BaseException, case: str) -> None:
+        """Record what ended the run (the first only), with where it was raised."""
+        if self.error is not None:
+            return
+        try:
+            kept = pickle.loads(pickle.dumps(exc))
+        except Exception:
+            kept = CaseError(f"{type(exc).__name__}: {exc}")
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        kept.add_note(f"raised in the run of case {case}:\n{trace}")
+        self.error = kept
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _step(self, records: Mapping[str, T], label: str, what: str) -> T:
+        if label not in records:
+            self.raise_error()
+            raise KeyError(f"the run has no {what} {label!r}: not a step of this case")
+        return records[label]
+
+    def written(self, label: str) -> TimedWrite:
+        return self._step(self.writes, label, "guest write")
+
+    def snapshot_read(self, label: str) -> QemuIoResult:
+        return self._step(self.reads, label, "snapshot read")
+
+    def holds_new(self, label: str) -> bool:
+        """After the run, with QEMU stopped: the source holds the guest's data there."""
+        return self._step(self.source_holds_new, label, "source region")
+
+    def holds_original(self, label: str) -> bool:
+        return self._step(self.source_holds_original, label, "source region")
 
 
 # ----------------------------------------------------------------- layout
@@ -219,8 +280,10 @@ class TimeoutFleecing:
 
     def __init__(self, launch_vm: Callable[..., Machine], images: Images, *,
                  plan: TimeoutPlan, on_cbw_error: str | None = None,
-                 cbw_timeout: int | None = None, transcript: Transcript | None = None):
+                 cbw_timeout: int | None = None, transcript: Transcript | None = None,
+                 name: str = "vm"):
         self.launch_vm = launch_vm
+        self.name = name  # the machine's name, and its files'
         self.images = images
         self.plan = plan
         self.on_cbw_error = on_cbw_error
@@ -249,7 +312,8 @@ class TimeoutFleecing:
         args = ["-S", "-device", json.dumps(controller)]
         for node in self.topology.image_nodes():
             args += ["-blockdev", json.dumps(node)]
-        self.vm = self.launch_vm(args, name="vm", command_timeout=self.plan.command_timeout)
+        self.vm = self.launch_vm(args, name=self.name,
+                                 command_timeout=self.plan.command_timeout)
         return self.vm
 
     def _device(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -260,8 +324,12 @@ class TimeoutFleecing:
         return controller, device
 
     def start(self) -> Machine:
-        """Launch, then build the layout: throttle group and node, CBW, snapshot, disk."""
+        """Launch, then build the layout."""
         self.launch()
+        return self.build()
+
+    def build(self) -> Machine:
+        """On the launched QEMU: throttle group and node, CBW, snapshot, disk."""
         timeout = (f"cbw-timeout={self.cbw_timeout}" if self.cbw_timeout is not None
                    else "cbw-timeout unset")
         self.transcript.log(f"=== fleecing, throttled target, on-cbw-error="
@@ -313,6 +381,11 @@ class TimeoutFleecing:
         if self.vm is not None:
             self.vm.shutdown()
 
+    def kill(self) -> None:
+        """SIGKILL QEMU, from any thread: a wait on it, in whichever thread, ends at once."""
+        if self.vm is not None:
+            self.vm.kill()
+
     def check_source(self, regions: Mapping[str, tuple[int, int]]) -> TimeoutRun:
         """With QEMU stopped: which regions of the source hold the guest's data."""
         self.stop()
@@ -324,3 +397,143 @@ class TimeoutFleecing:
         changed = [label for label, v in self.run.source_holds_new.items() if v]
         self.transcript.log(f"source holds the guest's data in: {', '.join(changed) or 'none'}")
         return self.run
+
+
+# ------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class TimeoutCase:
+    """One run of the layout, named (its machine and folder take the name).
+
+    The timeout run: write A under the timeout and read it from the snapshot; write B
+    over it; ``follow_up``: write C over it too; lift the throttle and read A, B, (C)
+    and the never-written U from the snapshot; ``retry``: write B again and read it (a
+    guest retrying its failed write).  The control (``control``): write A under the
+    timeout, then B of :attr:`TimeoutPlan.control_size`, lift the throttle, read A, B,
+    U.  Both end with QEMU stopped and the source's regions checked.
+    """
+
+    name: str
+    plan: TimeoutPlan
+    on_cbw_error: str | None = None
+    cbw_timeout: int | None = None
+    follow_up: bool = False
+    retry: bool = False
+    control: bool = False
+
+    def regions(self) -> dict[str, tuple[int, int]]:
+        """The source regions checked after the run: (offset, size) by label."""
+        plan = self.plan
+        if self.control:
+            return {"A": (REGION_A, plan.under_size), "B": (REGION_B, plan.control_size)}
+        regions = {"A": (REGION_A, plan.under_size), "B": (REGION_B, plan.over_size),
+                   "U": (REGION_U, 1 * MiB)}
+        if self.follow_up:
+            regions["C"] = (REGION_C, plan.over_size)
+        return regions
+
+
+def _timeout_steps(f: TimeoutFleecing, case: TimeoutCase) -> None:
+    plan = f.plan
+    f.build()
+    f.write("A (under)", REGION_A, plan.under_size)
+    f.read_snapshot("A", REGION_A, plan.under_size)
+    f.write("B (over)", REGION_B, plan.over_size)
+    if case.follow_up:
+        f.write("C (follow-up)", REGION_C, plan.over_size)
+    f.lift_throttle()
+    reads = [("A again", REGION_A, plan.under_size), ("B", REGION_B, plan.over_size)]
+    if case.follow_up:
+        reads.append(("C", REGION_C, plan.over_size))
+    reads.append(("U (never written)", REGION_U, 1 * MiB))
+    for label, offset, size in reads:
+        f.read_snapshot(label, offset, size)
+    if case.retry:
+        f.write("B (retry)", REGION_B, plan.over_size, log_timing=False)
+        f.read_snapshot("B after the retry", REGION_B, plan.over_size)
+    f.check_source(case.regions())
+
+
+def _control_steps(f: TimeoutFleecing, case: TimeoutCase) -> None:
+    plan = f.plan
+    f.build()
+    f.write("A (under)", REGION_A, plan.under_size)
+    f.write("B (over)", REGION_B, plan.control_size)
+    f.lift_throttle()
+    for label, offset, size in (("A", REGION_A, plan.under_size),
+                                ("B", REGION_B, plan.control_size),
+                                ("U (never written)", REGION_U, 1 * MiB)):
+        f.read_snapshot(label, offset, size)
+    f.check_source(case.regions())
+
+
+def _drive(f: TimeoutFleecing, case: TimeoutCase, done: threading.Event) -> None:
+    """A case's steps (QEMU already launched), in its own thread: what raises ends them
+    and is recorded; QEMU is stopped in every case, by this thread (its event loop's)."""
+    try:
+        (_control_steps if case.control else _timeout_steps)(f, case)
+    except BaseException as exc:
+        f.run.fail(exc, case.name)
+    finally:
+        try:
+            f.stop()
+        except BaseException as exc:
+            f.run.fail(exc, case.name)
+        done.set()
+
+
+# A killed QEMU ends its case's wait at once (its pidfd): the thread is done in well
+# under this, disconnecting included.
+_KILLED_CASE_GRACE = 15.0
+
+
+def drive_together(cases: Sequence[TimeoutCase], launch: Launcher, images: Images
+                   ) -> dict[str, TimeoutRun]:
+    """Every case to its end, all at once: each in a folder ``<case.name>`` of
+    ``images.folder``, with its own QEMU (``launch``'s options, in that folder), its own
+    transcript and its own thread.  Returns each case's record by name; what a case
+    raised is in its record, not raised.  Every QEMU is gone on return, or on any
+    exception (a Ctrl-C comes to this thread only: it kills them, so that the threads
+    waiting on them end too).
+
+    The machines are launched here, one after another, not in the threads: QEMU is
+    started with a ``preexec_fn`` (its parent-death signal), which Python documents as
+    unsafe where other threads run.  A case's end is an Event, not ``Thread.join()``:
+    a join that a Ctrl-C interrupts may mark a running thread as stopped (CPython 3.11).
+    """
+    fleecings: list[tuple[TimeoutCase, TimeoutFleecing]] = []
+    for case in cases:
+        folder = images.folder / case.name
+        folder.mkdir(parents=True, exist_ok=True)
+        fleecings.append((case, TimeoutFleecing(
+            Launcher(launch.build, folder, defaults=launch.defaults, on_start=launch.on_start),
+            Images(images.build, folder), plan=case.plan, on_cbw_error=case.on_cbw_error,
+            cbw_timeout=case.cbw_timeout, name=case.name)))
+    running: dict[str, threading.Event] = {}  # set when the case's thread is done
+    try:
+        for case, f in fleecings:
+            try:
+                f.launch()
+            except Exception as exc:
+                f.run.fail(exc, case.name)
+        for case, f in fleecings:
+            if f.run.error is None:
+                running[case.name] = threading.Event()
+                threading.Thread(target=_drive, args=(f, case, running[case.name]),
+                                 name=f"cbw-timeout {case.name}", daemon=True).start()
+        for done in running.values():
+            done.wait()
+    except BaseException:
+        for _, f in fleecings:
+            f.kill()
+        for done in running.values():
+            done.wait(_KILLED_CASE_GRACE)
+        raise
+    finally:
+        for case, f in fleecings:
+            if case.name not in running or running[case.name].is_set():
+                try:
+                    f.stop()  # done already, unless the case never got its thread
+                except Exception as exc:
+                    f.run.fail(exc, case.name)
+            f.run.transcript = list(f.transcript.lines)
+    return {case.name: f.run for case, f in fleecings}

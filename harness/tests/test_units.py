@@ -501,3 +501,21 @@ def test_shared_run_runs_once_for_every_asker_and_links_its_files(tmp_path):
             shared(base, "broken", tmp_path / name, failing)
         assert (tmp_path / name / "vm.stderr").read_text() == "boom"
     assert len(failures) == 2, "a run that raised is not shared: the next asker runs it again"
+
+
+def test_shared_run_links_a_tests_own_part_only(tmp_path):
+    """A run of several parts (one QEMU each, in a subfolder): each asker gets the files
+    of its part, not the others'; a part that made no files links nothing."""
+    def make(folder: Path) -> str:
+        for part in ("one", "two"):
+            (folder / part).mkdir()
+            (folder / part / f"{part}.qmp.log").write_text(part)
+        return "done"
+
+    folders = {name: tmp_path / name for name in ("one", "two", "none")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        assert shared(tmp_path / "shared", "parts", folder, make, part=name) == "done"
+    assert [p.name for p in folders["one"].iterdir()] == ["one.qmp.log"]
+    assert [p.name for p in folders["two"].iterdir()] == ["two.qmp.log"]
+    assert list(folders["none"].iterdir()) == []
