@@ -23,11 +23,10 @@ run: provision
 	$(PY) -m pytest iotests -n $(JOBS) $(PYTEST_ARGS) $(NO_TESTS_HINT)
 
 # Two tiers, as QEMU's own make check: SPEED=quick (the default) leaves out the slow
-# tier (-m slow: long timeouts that add waiting and no new verdict over a shorter case,
-# and end-to-end runs of the tools: git bisect, the CI template, replays of a guest and
-# of a livelock); SPEED=slow runs everything (CI runs the two tiers one after the
-# other: .ci/run).  make run runs the suite's slow tests too.  A -m in PYTEST_ARGS
-# replaces this one.
+# tier (-m slow: tests that add waiting, boots or other builds for no verdict the quick
+# tier lacks, and end-to-end runs of the tools; the README lists them); SPEED=slow runs
+# everything (CI runs the two tiers one after the other: .ci/run).  make run runs the
+# suite's slow tests too.  A -m in PYTEST_ARGS replaces this one.
 SPEED ?= quick
 ifeq ($(filter quick slow,$(SPEED)),)
 $(error SPEED=$(SPEED): use SPEED=quick (the default) or SPEED=slow (both tiers))

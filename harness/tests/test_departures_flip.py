@@ -125,6 +125,9 @@ def test_fixed_qemu_flips_the_departure(tmp_path, qemu_build, build_info, flip):
     assert f"{flip.departure} on QEMU" in out and "FIXED (strict XPASS)" in out
 
 
+# Each runs the release the departure is seen on (7.2), beside the build under test: the
+# slow tier, with the matrix.  (The build under test's own departures show in the suite.)
+@pytest.mark.slow
 @pytest.mark.parametrize("flip", [f for f in FLIPS if f.real_release is not None],
                          ids=lambda f: f.id)
 def test_real_qemu_shows_the_departure(tmp_path, qemu_build, build_info, flip):
@@ -160,6 +163,7 @@ def test_regression_rule_fails_the_suite(tmp_path, qemu_build, build_info):
     assert "guest write at 1048576: expected 'Input/output error'" in result.stdout
 
 
+@pytest.mark.slow  # two runs that each wait out the 2 s of silence of a livelock
 def test_runxfail_bisects_on_the_livelock_bounded(tmp_path, qemu_build):
     """--runxfail: the departure is a plain failure on the real build (the harness kills
     the livelocked QEMU in seconds) and a plain pass on the fixed one."""

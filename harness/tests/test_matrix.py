@@ -21,6 +21,7 @@ CONTROLS = [f"iotests/test_backup_sync_none.py::test_control_without_fault[{v}]"
             for v in ("break-guest-write", "break-snapshot", "omitted")]
 
 
+@pytest.mark.slow  # the matrix end to end: the suite's controls on 7.2 and 11.1
 def test_matrix_report_first_change_and_a_build_that_cannot_start(tmp_path):
     for name in ("7.2", "11.1"):
         builds.provision(name)
