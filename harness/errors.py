@@ -21,6 +21,10 @@ class ProvisionError(HarnessError):
     """A QEMU build or guest kernel could not be fetched or unpacked."""
 
 
+class LockTimeout(HarnessError):
+    """Another process held a lock (on a cache, or a run shared by tests) past the limit."""
+
+
 class MissingCapability(HarnessError):
     """The build under test lacks something a test needs."""
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ProvisionError
+from ..errors import LockTimeout
 
 if TYPE_CHECKING:
     from .debian import Suite
@@ -50,7 +50,7 @@ def locked(path: Path, what: str = "", timeout: float = LOCK_TIMEOUT) -> Iterato
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() > deadline:
-                    raise ProvisionError(
+                    raise LockTimeout(
                         f"another process has held the lock on {what or path} ({lock}) for "
                         f"over {timeout:.0f} s: wait for it to finish or stop it") from None
                 time.sleep(0.2)  # flock has no waitable notification with a timeout

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.block.topology import guest_device
-from harness.errors import ConfigError, HarnessError, ProvisionError
+from harness.errors import ConfigError, HarnessError, LockTimeout
 from harness.guest import console, initramfs, kernel
 from harness.guest.console import (
     GuestError,
@@ -512,7 +512,7 @@ def test_lock_wait_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "x"
     with open(tmp_path / "x.lock", "a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        with pytest.raises(ProvisionError, match="held the lock on the thing"), \
+        with pytest.raises(LockTimeout, match="held the lock on the thing"), \
                 locked(path, "the thing", timeout=0.3):
                 pass
     with locked(path, "the thing", timeout=0.3):
