@@ -81,12 +81,19 @@ BOOT_BREAK_SNAPSHOT = "guest-break-snapshot"
 BOOT_OF_VALUE = {None: BOOT_OMITTED, "break-guest-write": BOOT_BREAK_GUEST_WRITE}
 
 
+def backup_value_needs(value: str | None) -> tuple[str, ...]:
+    """What blockdev-backup needs for ``value``: an explicit one needs QEMU 10.1+.  The
+    one rule for the tests' ``requires`` (backup_values) and the guests' disks
+    (backup_values_run)."""
+    return () if value is None else (ON_CBW_ERROR_BACKUP,)
+
+
 def backup_values(values):
-    """on-cbw-error values for blockdev-backup (an explicit one needs QEMU 10.1+), each
-    checked in the guest of its value."""
+    """on-cbw-error values for blockdev-backup, each checked in the guest of its value."""
     return [pytest.param(v, id=value_id(v), marks=[
         pytest.mark.shares(BOOT_OF_VALUE[v]),
-        *([] if v is None else [pytest.mark.requires(ON_CBW_ERROR_BACKUP)])]) for v in values]
+        *([pytest.mark.requires(*backup_value_needs(v))] if backup_value_needs(v) else [])])
+        for v in values]
 
 
 BREAKING = pytest.mark.parametrize("on_cbw_error", backup_values(BREAKS_GUEST_WRITE))
@@ -279,9 +286,8 @@ def of_value(on_cbw_error: str | None, name: str) -> str:
 
 
 def backup_values_run(build_info, values) -> list[str | None]:
-    """The values of ``values`` this build runs with blockdev-backup: an explicit one needs
-    QEMU 10.1+, as backup_values() marks the tests."""
-    return [v for v in values if v is None or build_info.has(ON_CBW_ERROR_BACKUP)]
+    """The values of ``values`` this build runs with blockdev-backup."""
+    return [v for v in values if all(build_info.has(c) for c in backup_value_needs(v))]
 
 
 def write_error_disks(value: str | None) -> list[GuestDisk]:
