@@ -1,4 +1,4 @@
-"""Fixtures of the copy-before-write suite, and the order its tests run in."""
+"""Fixtures of the copy-before-write suite (the order tests run in: harness.plugin.schedule)."""
 
 from __future__ import annotations
 
@@ -11,49 +11,6 @@ from harness.plugin.rows import CaseRow, observation_row
 from harness.scenarios.cbw import CRUISE_SPEED, Scenario, ScenarioSpec
 
 _MACHINE_OPTIONS = ("name", "command_timeout")
-# Tests that run for seconds, not milliseconds: a guest boots (~3-5 s under TCG), a
-# cbw-timeout case waits for its timeout several times over, a self-test runs pytest.
-_LONG_TIMEOUT_S = 10
-
-
-def _cost_rank(item: pytest.Item) -> int:
-    """0 for the longest tests, 1 for long ones, 2 for the rest (milliseconds each)."""
-    params = getattr(item, "callspec", None)
-    timeout = params.params.get("timeout") if params is not None else None
-    if isinstance(timeout, int) and timeout >= _LONG_TIMEOUT_S:
-        return 0
-    if any(item.get_closest_marker(m) for m in ("waits", "guest", "selftest")):
-        return 1
-    return 2
-
-
-@pytest.hookimpl(trylast=True)  # after -m / -k deselect: ranks among the tests that run
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest first, the rest in their order: with tests handed to xdist workers a few
-    at a time (see pytest_configure), no worker is left with the long ones at the end.
-    Of tests that share a run (marker ``shares``), the first selected pays for it and
-    the others take milliseconds: they go last, so that no worker waits for the run
-    another is making."""
-    sharing: set[str] = set()
-    rank: dict[str, int] = {}
-    for item in items:
-        shares = item.get_closest_marker("shares")
-        if shares is not None and shares.args[0] in sharing:
-            rank[item.nodeid] = 3
-        else:
-            rank[item.nodeid] = _cost_rank(item)
-            if shares is not None:
-                sharing.add(shares.args[0])
-    items.sort(key=lambda item: rank[item.nodeid])
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """xdist's ``load`` scheduling hands each worker a quarter of its share at once: in
-    collection order, so one worker would get every long test.  Two at a time instead
-    (unless given), which with the longest first is as good as the order allows."""
-    if config.pluginmanager.hasplugin("xdist") and \
-            config.getoption("maxschedchunk", None) is None:
-        config.option.maxschedchunk = 2
 
 
 def _speed_label(spec: ScenarioSpec) -> str | None:

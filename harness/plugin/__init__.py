@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 pytest_plugins = [
     "harness.plugin.departures",  # strict xfails from the departures registry
     "harness.plugin.results",  # results.json: what the matrix and diff read
+    "harness.plugin.schedule",  # the order tests run in: longest first, for xdist
 ]
 
 _live_machines: weakref.WeakSet[Machine] = weakref.WeakSet()
