@@ -306,6 +306,21 @@ def test_init_reads_command_output_without_processes(tmp_path: Path, output: str
     assert proc.stdout == f"{msg}|{recs}"
 
 
+def test_init_runs_xxd_once_per_content(tmp_path: Path) -> None:
+    """first_bytes: reads of equal md5 reuse the first bytes found for it."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh on this host")
+    script = init_function("first_bytes") + (
+        'xxd() { echo call >> "$CALLS"; echo "x$4"; }\n'  # stands in for xxd -p -l 16 FILE
+        'for f in a b a2 c; do first_bytes "$f" "md5of${f%2}"; printf "%s " "$first"; done\n')
+    calls = tmp_path / "calls"
+    proc = subprocess.run([sh, "-c", script], capture_output=True, text=True, check=True,
+                          env={"CALLS": str(calls), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout == "xa xb xa xc "
+    assert calls.read_text().count("call") == 3
+
+
 def test_error_shows_only_the_log_tail() -> None:
     log = "".join(f"line {i}\n" for i in range(500))
     text = str(GuestError("boom", log))
