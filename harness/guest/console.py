@@ -269,7 +269,8 @@ class GuestReport:
                              self.log)
         if not self.done:
             raise GuestError(f"guest stopped after {len(self.ops)} operations without CBW-DONE "
-                             "(hung I/O, or QEMU ended early)", self.log)
+                             "(hung I/O, or QEMU ended early; the guest prints the kernel "
+                             "messages of its operations after the last one)", self.log)
         if self.kmsg_lost:
             raise GuestError("the guest kernel's log overwrote messages before they were read "
                              f"(those up to the end of operation {self.kmsg_lost[-1]}): plan "
