@@ -51,7 +51,7 @@ uptime_cs() {
 # count of a dd.
 output_of() {
 	msg="" recs=""
-	while IFS= read -r line; do
+	while IFS= read -r line || [ -n "$line" ]; do  # a last line may lack its newline
 		case $line in
 		*" records in") ;;
 		*" records out") recs=${line%% *} ;;

@@ -291,6 +291,7 @@ def init_function(name: str) -> str:
     ('insmod: can\'t insert "x.ko"\nUnknown symbol in module\n',
      "insmod: can't insert 'x.ko' Unknown symbol in module", ""),
     ("", "", ""),
+    ("dd: no newline at the end", "dd: no newline at the end", ""),
 ])
 def test_init_reads_command_output_without_processes(tmp_path: Path, output: str, msg: str,
                                                      recs: str) -> None:
