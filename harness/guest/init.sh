@@ -187,6 +187,10 @@ done
 dmesg -c -r | awk -f /etc/cbw/kmsg.awk
 read -r done_t _ < /proc/uptime
 echo "CBW-DONE ops=$i t=$done_t"
+# Wait until the console has sent all of it: a reset drops what is still queued in the
+# tty (seen: the kernel messages printed in a burst after the plan, and CBW-DONE, cut
+# off).  stty sets its (unchanged) mode with TCSADRAIN, which waits for the transmitter.
+stty onlcr
 # No sync: a failing disk could hang it.  -f: we are init, there is nothing to stop.
 # Without ACPI (acpi=off) power-off would just halt: reset instead, which ends QEMU
 # when it runs with -no-reboot.
