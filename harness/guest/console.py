@@ -183,8 +183,9 @@ def pattern_md5(pattern: int, length: int) -> str:
 class KernelMessage:
     """A kernel log record forwarded by the guest (``CBW-KMSG``).
 
-    ``op`` is the index of the operation during which it was logged (the guest
-    drains the kernel log after each one); -1 for an error logged during boot.
+    ``op`` is the index of the operation during which it was logged: the guest marks
+    the end of each operation in the kernel log and cuts the log at those marks
+    (init.sh, kmsg.awk); -1 for an error logged during boot.
     """
 
     op: int
@@ -236,6 +237,9 @@ class GuestReport:
     module_failures: list[str]
     missing_devices: list[str]
     log: str = field(repr=False)
+    # CBW-KLOST: the guest's kernel log overwrote records before the guest read them;
+    # the records up to the end of each of these operations were not attributed.
+    kmsg_lost: list[int] = field(default_factory=list)
 
     @property
     def io_errors(self) -> list[KernelMessage]:
@@ -265,11 +269,17 @@ class GuestReport:
                              self.log)
         if not self.done:
             raise GuestError(f"guest stopped after {len(self.ops)} operations without CBW-DONE "
-                             "(hung I/O, or QEMU ended early)", self.log)
+                             "(hung I/O, or QEMU ended early; the guest prints the kernel "
+                             "messages of its operations after the last one)", self.log)
+        if self.kmsg_lost:
+            raise GuestError("the guest kernel's log overwrote messages before they were read "
+                             f"(those up to the end of operation {self.kmsg_lost[-1]}): plan "
+                             "fewer operations per boot, or add log_buf_len=4M to its command "
+                             "line", self.log)
         return self
 
 
-_LINE = re.compile(r"CBW-(READY|RESULT|KMSG|DONE|MODFAIL|NODEV)\b ?(.*)$")
+_LINE = re.compile(r"CBW-(READY|RESULT|KMSG|KLOST|DONE|MODFAIL|NODEV)\b ?(.*)$")
 _FIELD = re.compile(r'(\w+)=("[^"]*"|\S*)')
 _PANIC = re.compile(r"Kernel panic - not syncing.*")
 
@@ -314,6 +324,8 @@ def _take(report: GuestReport, kind: str, rest: str) -> None:
         report.module_failures.append(f"{f['module']}: {f.get('err', '')}")
     elif kind == "NODEV":
         report.missing_devices.append(f["dev"])
+    elif kind == "KLOST":
+        report.kmsg_lost.append(int(f["i"]))
     elif kind == "RESULT":
         op = _result(f)
         if op.index != len(report.ops):

@@ -25,8 +25,11 @@ from ..qemu.cache import cache_root
 from .kernel import GuestKernel, ZstdFailed, zstd_decompress
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
+# The awk program init runs on the kernel log after the plan (see init.sh).
+KMSG_AWK = Path(__file__).with_name("kmsg.awk")
+KMSG_AWK_PATH = "etc/cbw/kmsg.awk"  # in the archive
 # Bump when the archive layout changes, so cached archives are rebuilt.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # Modules init must load (besides their dependencies) to see a disk of each kind.
 DISK_MODULES: dict[str, tuple[str, ...]] = {
     "virtio-blk": ("virtio_blk",),
@@ -282,31 +285,36 @@ def build_initramfs(kernel: GuestKernel, busybox: Path, modules: Sequence[str],
     resolved = ModuleTree(kernel).resolve(modules) if modules else []
     bb = busybox.read_bytes()
     init = INIT_SCRIPT.read_bytes()
-    key = _input_hash(kernel.version, bb, init, resolved)
+    awk = KMSG_AWK.read_bytes()
+    key = _input_hash(kernel.version, bb, init, awk, resolved)
     out_dir = out_dir or cache_root() / "guest" / "initramfs"
     target = out_dir / f"{key}.cpio.gz"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    archive = gzip.compress(_archive(kernel.version, bb, init, resolved), compresslevel=6, mtime=0)
+    archive = gzip.compress(_archive(kernel.version, bb, init, awk, resolved), compresslevel=6,
+                            mtime=0)
     tmp = out_dir / f".{key}.{os.getpid()}.tmp"
     tmp.write_bytes(archive)
     os.replace(tmp, target)  # atomic: concurrent builders write identical bytes
     return target
 
 
-def _input_hash(version: str, busybox: bytes, init: bytes, modules: list[Module]) -> str:
+def _input_hash(version: str, busybox: bytes, init: bytes, awk: bytes,
+                modules: list[Module]) -> str:
     h = hashlib.sha256(json.dumps({
         "layout": LAYOUT_VERSION,
         "kernel": version,
         "busybox": hashlib.sha256(busybox).hexdigest(),
         "init": hashlib.sha256(init).hexdigest(),
+        "kmsg_awk": hashlib.sha256(awk).hexdigest(),
         "modules": [[m.name, hashlib.sha256(m.data).hexdigest()] for m in modules],
     }, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def _archive(version: str, busybox: bytes, init: bytes, modules: list[Module]) -> bytes:
+def _archive(version: str, busybox: bytes, init: bytes, awk: bytes,
+             modules: list[Module]) -> bytes:
     w = NewcWriter()
     for d in ("bin", "dev", "proc", "sys", "etc", "etc/cbw", "lib", "lib/modules",
               f"lib/modules/{version}"):
@@ -317,6 +325,7 @@ def _archive(version: str, busybox: bytes, init: bytes, modules: list[Module]) -
     w.add_file("bin/busybox", busybox, 0o755)
     w.add_symlink("bin/sh", "busybox")  # init installs the other applet links itself
     w.add_file("init", init, 0o755)
+    w.add_file(KMSG_AWK_PATH, awk)
     paths = []
     for m in modules:
         path = f"lib/modules/{version}/{m.name}.ko"

@@ -122,11 +122,8 @@ GOOD_LOG = (
     'CBW-KMSG i=-1 lvl=3 t=1.729139 I/O error, dev vda, sector 0 op 0x0:(READ) flags 0x0 '
     'phys_seg 1 prio class 2\r\n'
     'CBW-READY t=1.83\r\n'
-    'CBW-KMSG i=0 lvl=3 t=1.928438 I/O error, dev vda, sector 2048 op 0x1:(WRITE) flags '
-    '0x8800 phys_seg 16 prio class 2\r\n'
     'CBW-RESULT i=0 op=write dev=/dev/vda off=1048576 len=65536 rc=1 t0=1.87 t1=1.92 pat=55 '
     'err="Input/output error" msg="dd: error writing \'/dev/vda\': Input/output error"\r\n'
-    'CBW-KMSG i=1 lvl=6 t=2.5 clocksource: Switched to clocksource tsc\r\n'
     'CBW-RESULT i=1 op=read dev=/dev/vda off=0 len=4096 rc=0 t0=2.96 t1=2.98 got=4096 '
     'md5=df679e5ec8fb672842974a36d303d0ff head=11111111111111111111111111111111 '
     'err="" msg=""\r\n'
@@ -135,6 +132,10 @@ GOOD_LOG = (
     '/dev/vda: Input/output error"\r\n'
     'CBW-RESULT i=3 op=fsyncwrite dev=/dev/vda off=3 len=1000 rc=0 t0=3.1 t1=3.2 pat=77 '
     'err="" msg=""\r\n'
+    # The operations' kernel messages come after the plan (init.sh, kmsg.awk).
+    'CBW-KMSG i=0 lvl=3 t=1.928438 I/O error, dev vda, sector 2048 op 0x1:(WRITE) flags '
+    '0x8800 phys_seg 16 prio class 2\r\n'
+    'CBW-KMSG i=1 lvl=6 t=2.5 clocksource: Switched to clocksource tsc\r\n'
     'CBW-DONE ops=4 t=3.3\r\n'
     '[    3.400000] reboot: Restarting system\r\n'
     'qemu-system-x86_64: Failed flush during close: Input/output error\n'
@@ -213,8 +214,16 @@ def test_missing_disk_and_module_failures_fail_check() -> None:
         r.check()
 
 
+def test_lost_kernel_messages_fail_check() -> None:
+    r = parse_console(GOOD_LOG.replace("CBW-DONE", "CBW-KLOST i=2\nCBW-DONE"))
+    assert r.kmsg_lost == [2] and r.done
+    with pytest.raises(GuestError, match=r"overwrote messages .* end of operation 2"):
+        r.check()
+
+
 @pytest.mark.parametrize("bad", [
     "CBW-RESULT i=0 op=read dev=/dev/vda rc=0",           # fields missing
+    "CBW-KLOST lost=3",
     "CBW-RESULT i=0 op=read dev=/dev/vda off=x len=1 rc=0 t0=1 t1=1 got=0",
     "CBW-KMSG lvl=3 t=1.0 no op index",
     "CBW-RESULT i=5 op=read dev=/dev/vda off=0 len=512 rc=0 t0=1 t1=1 got=512",  # out of order
@@ -223,6 +232,94 @@ def test_malformed_lines_are_errors(bad: str) -> None:
     with pytest.raises(GuestError, match="malformed guest line") as e:
         parse_console(f"CBW-READY t=1.0\n{bad}\n")
     assert bad in str(e.value)
+
+
+# What `dmesg -r` prints after the boot drain: kernel records ("<level>"), init's end
+# marks (user facility 1, level 7: "<15>"), and records after the last mark.
+KERNEL_LOG = (
+    "<6>[    4.100000] virtio_blk virtio1: [vdb] 8192 512-byte logical blocks\n"
+    "<15>[    4.200000] cbw-end 0\n"
+    "<3>[    4.300000] I/O error, dev vda, sector 2048 op 0x1:(WRITE) flags 0x8800\n"
+    "<7>[    4.310000] a debug message, not forwarded\n"
+    "<4>[ 1234.5] cbw-end 1\n"  # a kernel record that looks like a mark is a record
+    "<15>[    4.400000] cbw-end 1\n"
+    "<15>[    4.500000] cbw-end 2\n"
+    "<4>[    4.600000] after the plan: no operation's\n"
+)
+
+
+def run_kmsg_awk(log: str) -> str:
+    awk = shutil.which("awk")
+    if awk is None:
+        pytest.skip("no awk on this host")
+    proc = subprocess.run([awk, "-f", str(initramfs.KMSG_AWK)], input=log, capture_output=True,
+                          text=True, check=True)
+    return proc.stdout
+
+
+def test_kernel_messages_are_cut_at_the_end_marks() -> None:
+    out = run_kmsg_awk(KERNEL_LOG)
+    r = parse_console(f"CBW-READY t=4\n{out}CBW-DONE ops=3 t=5\n").check()
+    assert [(m.op, m.level, m.time) for m in r.kmsg] == \
+        [(0, 6, 4.1), (1, 3, 4.3), (1, 4, 1234.5)]
+    assert r.kmsg_during(1)[0].text == "I/O error, dev vda, sector 2048 op 0x1:(WRITE) flags 0x8800"
+    assert r.kmsg_during(1)[1].text == "cbw-end 1"
+    assert not r.kmsg_during(2) and not r.kmsg_lost
+
+
+def test_kernel_log_overwritten_before_the_first_mark_is_lost() -> None:
+    # The ring buffer dropped the records up to operation 1's end mark.
+    out = run_kmsg_awk(KERNEL_LOG.split("<15>[    4.400000] cbw-end 1\n")[1])
+    assert out == "CBW-KLOST i=2\n"
+    out = run_kmsg_awk("<3>[    4.3] I/O error, dev vdb\n" + KERNEL_LOG.split("cbw-end 0\n")[1])
+    assert out.splitlines()[0] == "CBW-KLOST i=1"
+    r = parse_console(f"CBW-READY t=4\n{out}CBW-DONE ops=3 t=5\n")
+    assert r.kmsg_lost == [1] and not r.kmsg_during(0) and not r.kmsg_during(1)
+
+
+def init_function(name: str) -> str:
+    """The text of shell function ``name`` of init.sh (``name() {`` up to its ``}`` line)."""
+    text = initramfs.INIT_SCRIPT.read_text()
+    start = text.index(f"\n{name}() {{\n") + 1
+    return text[start:text.index("\n}\n", start) + 3]
+
+
+@pytest.mark.parametrize("output, msg, recs", [
+    ("1+0 records in\n1+0 records out\n", "", "1+0"),
+    ("dd: error reading '/dev/vda': Input/output error\n0+0 records in\n0+0 records out\n",
+     "dd: error reading '/dev/vda': Input/output error", "0+0"),
+    ('insmod: can\'t insert "x.ko"\nUnknown symbol in module\n',
+     "insmod: can't insert 'x.ko' Unknown symbol in module", ""),
+    ("", "", ""),
+    ("dd: no newline at the end", "dd: no newline at the end", ""),
+])
+def test_init_reads_command_output_without_processes(tmp_path: Path, output: str, msg: str,
+                                                     recs: str) -> None:
+    """output_of: one line, double quotes made single, dd's record count apart."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh on this host")
+    (tmp_path / "err").write_text(output)
+    script = init_function("output_of") + init_function("no_quotes") + \
+        'output_of "$1"\nprintf "%s|%s" "$msg" "$recs"\n'
+    proc = subprocess.run([sh, "-c", script, "sh", str(tmp_path / "err")], capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout == f"{msg}|{recs}"
+
+
+def test_init_runs_xxd_once_per_content(tmp_path: Path) -> None:
+    """first_bytes: reads of equal md5 reuse the first bytes found for it."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh on this host")
+    script = init_function("first_bytes") + (
+        'xxd() { echo call >> "$CALLS"; echo "x$4"; }\n'  # stands in for xxd -p -l 16 FILE
+        'for f in a b a2 c; do first_bytes "$f" "md5of${f%2}"; printf "%s " "$first"; done\n')
+    calls = tmp_path / "calls"
+    proc = subprocess.run([sh, "-c", script], capture_output=True, text=True, check=True,
+                          env={"CALLS": str(calls), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout == "xa xb xa xc "
+    assert calls.read_text().count("call") == 3
 
 
 def test_error_shows_only_the_log_tail() -> None:
@@ -405,6 +502,7 @@ def test_build_initramfs(tmp_path: Path, cache: Path) -> None:
     assert path.parent == cache / "guest" / "initramfs" and path.name.endswith(".cpio.gz")
     entries = {e.name: e for e in read_newc(gzip.decompress(path.read_bytes()))}
     assert entries["init"].data == initramfs.INIT_SCRIPT.read_bytes()
+    assert entries[initramfs.KMSG_AWK_PATH].data == initramfs.KMSG_AWK.read_bytes()
     assert stat.S_IMODE(entries["init"].mode) == 0o755
     assert entries["bin/busybox"].data == bb.read_bytes()
     assert entries["bin/sh"].data == b"busybox"

@@ -11,9 +11,19 @@ import shutil
 import pytest
 
 from harness.errors import ConfigError
-from harness.guest import GuestDisk, GuestError, GuestImage, Read, guest_devices, kernel, run_guest
+from harness.guest import (
+    GuestDisk,
+    GuestError,
+    GuestImage,
+    Op,
+    Read,
+    Write,
+    guest_devices,
+    kernel,
+    run_guest,
+)
 from harness.qemu.machine import Machine
-from harness.scenarios.cbw import Fault, Layout
+from harness.scenarios.cbw import CHUNK, Fault, Layout
 from harness.tests.test_guest_units import cache, fake_kernel, make_bzimage, make_elf  # noqa: F401
 from harness.tests.test_plugin_runs import run_pytest
 
@@ -152,3 +162,29 @@ def test_failing_guest_is_an_error_with_its_console(machines, images, guest_imag
     assert message in str(info.value)
     assert in_log in info.value.log
     assert not machines.started[0].is_running, "QEMU outlived the failed guest"
+
+
+# ------------------------------------------------------ kernel messages, real guest
+
+@pytest.mark.guest
+@pytest.mark.selftest
+@pytest.mark.slow  # the iotests check the same attribution in their guests
+def test_kernel_messages_belong_to_the_operation_that_logged_them(machines, images,
+                                                                   guest_image) -> None:
+    """init cuts the kernel log at marks it writes when each operation ends: a failing
+    write's I/O error is its own, never a neighbour's (reads that succeed sit between)."""
+    disk = GuestDisk("d", werror="report", fault=Fault("target-write", once=False))
+    dev = guest_devices([disk])["d"]
+    failing = disk.fault.failing_writes()
+    plan: list[Op] = [Read(dev, 0, CHUNK), Write(dev, failing[0], CHUNK, 0x55),
+                      Read(dev, 0, CHUNK), Write(dev, failing[1], CHUNK, 0x55),
+                      Read(dev, 0, CHUNK)]
+    run = run_guest(machines, images, guest_image, [disk], plan)
+    ops = run.report.ops
+    assert [op.ok for op in ops] == [True, False, True, False, True], ops
+    for op in ops:
+        logged = run.io_errors_during(op)
+        if op.ok:
+            assert not logged, f"operation {op.index} got another's kernel messages: {logged}"
+            continue
+        assert len(logged) == 1 and "dev vda," in logged[0].text, logged
