@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from harness.block.data import first_difference
 from harness.scenarios.cbw import (
     GUEST_WRITES,
     IMAGE_SIZE,
@@ -95,7 +96,7 @@ class PointInTime:
     original: bytes
     on_cbw_error: str | None
     fault: Fault
-    source: bytearray = field(init=False)
+    written: list[tuple[int, bytes]] = field(default_factory=list)  # in the source, in order
     copied: set[int] = field(default_factory=set)  # clusters the target must hold
     touched: set[int] = field(default_factory=set)
     discarded: list[range] = field(default_factory=list)  # source bytes: old or zero
@@ -103,8 +104,15 @@ class PointInTime:
     fault_pending: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.source = bytearray(self.original)
         self.fault_pending = self.fault.injects
+
+    def source(self) -> bytearray:
+        """What the source must hold: the original with the successful writes applied
+        (made only when the images are checked: a copy of the whole image)."""
+        source = bytearray(self.original)
+        for offset, data in self.written:
+            source[offset:offset + len(data)] = data
+        return source
 
     def request(self, req: Request) -> str | None:
         """Apply ``req``; the error it must meet (None: it succeeds)."""
@@ -120,7 +128,7 @@ class PointInTime:
         if new is None:
             self.discarded.append(range(req.offset, req.offset + req.length))
         else:
-            self.source[req.offset:req.offset + req.length] = new
+            self.written.append((req.offset, new))
         return None
 
     def snapshot_read(self, offset: int, length: int) -> bytes | str:
@@ -199,8 +207,8 @@ def check_snapshot_read(s: Scenario, model: PointInTime, offset: int, length: in
         return True
     assert result.ok and data is not None, f"snapshot read at {offset}+{length}: " \
         f"{result.error or 'its dump did not cover the range'}"
-    if data != expected:
-        first = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
+    first = first_difference(data, expected)
+    if first is not None:
         pytest.fail(f"snapshot read at {offset}+{length} differs from the point-in-time data "
                     f"first at offset {offset + first}: {data[first]:#04x}, expected "
                     f"{expected[first]:#04x}")
@@ -211,14 +219,15 @@ def check_images(s: Scenario, model: PointInTime) -> None:
     """QEMU stopped: the source holds what succeeded; the target the copied clusters."""
     source = s.images.read_raw(s.topology.image("source"))
     target = s.images.read_raw(s.topology.image("target"))
+    expected = model.source()
     either = bytearray(source)  # a discarded byte may read as zero: take the model's there
     for r in model.discarded:
-        either[r.start:r.stop] = bytes(a if a else b for a, b in
-                                       zip(source[r.start:r.stop], model.source[r.start:r.stop],
-                                           strict=True))
-    if either != model.source:
-        first = next(i for i, (a, b) in enumerate(zip(either, model.source, strict=True))
-                     if a != b)
+        held, want = source[r.start:r.stop], expected[r.start:r.stop]
+        if held != want:
+            either[r.start:r.stop] = want if not held.strip(b"\0") else \
+                bytes(a if a else b for a, b in zip(held, want, strict=True))
+    first = first_difference(either, expected)
+    if first is not None:
         pytest.fail(f"source differs from the requests that succeeded, first at {first}")
     zeros = bytes(CLUSTER)
     for c in range(IMAGE_SIZE // CLUSTER):
@@ -244,7 +253,7 @@ def fleecing(scenario, on_cbw_error: str | None, fault: Fault) -> tuple[Scenario
     s = scenario(layout=Layout.FLEECING, on_cbw_error=on_cbw_error, fault=fault, seed=SEED,
                  unmap=True)
     s.start()
-    return s, PointInTime(s.images.read_raw(s.original), on_cbw_error, fault)
+    return s, PointInTime(s.original_data, on_cbw_error, fault)
 
 
 @pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda shape: shape.name)
