@@ -106,12 +106,17 @@ class PointInTime:
     def __post_init__(self) -> None:
         self.fault_pending = self.fault.injects
 
-    def source(self) -> bytearray:
-        """What the source must hold: the original with the successful writes applied
-        (made only when the images are checked: a copy of the whole image)."""
-        source = bytearray(self.original)
+    @property
+    def span(self) -> range:
+        """The bytes of the clusters the requests touched: all they can have changed."""
+        return range(min(self.touched) * CLUSTER, (max(self.touched) + 1) * CLUSTER)
+
+    def source(self, span: range) -> bytearray:
+        """What the source must hold in ``span`` (which holds every request): the
+        original with the successful writes applied."""
+        source = bytearray(self.original[span.start:span.stop])
         for offset, data in self.written:
-            source[offset:offset + len(data)] = data
+            source[offset - span.start:offset - span.start + len(data)] = data
         return source
 
     def request(self, req: Request) -> str | None:
@@ -216,19 +221,28 @@ def check_snapshot_read(s: Scenario, model: PointInTime, offset: int, length: in
 
 
 def check_images(s: Scenario, model: PointInTime) -> None:
-    """QEMU stopped: the source holds what succeeded; the target the copied clusters."""
-    source = s.images.read_raw(s.topology.image("source"))
-    target = s.images.read_raw(s.topology.image("target"))
-    expected = model.source()
+    """QEMU stopped: the source holds what succeeded; the target the copied clusters.
+
+    The source is compared with the model where the requests went (:attr:`PointInTime.
+    span`), and with the original data, as it is, before and after."""
+    path, span, original = s.topology.image("source"), model.span, model.original
+    before = s.images.read_raw(path, 0, span.start)
+    source = s.images.read_raw(path, span.start, len(span))
+    after = s.images.read_raw(path, span.stop)
+    expected = model.source(span)
     either = bytearray(source)  # a discarded byte may read as zero: take the model's there
     for r in model.discarded:
-        held, want = source[r.start:r.stop], expected[r.start:r.stop]
+        start, stop = r.start - span.start, r.stop - span.start
+        held, want = source[start:stop], expected[start:stop]
         if held != want:
-            either[r.start:r.stop] = want if not held.strip(b"\0") else \
+            either[start:stop] = want if not held.strip(b"\0") else \
                 bytes(a if a else b for a, b in zip(held, want, strict=True))
-    first = first_difference(either, expected)
-    if first is not None:
+    if not (either == expected and original.startswith(before) and len(before) == span.start
+            and original.endswith(after) and len(after) == len(original) - span.stop):
+        first = first_difference(before + either + after,
+                                 original[:span.start] + expected + original[span.stop:])
         pytest.fail(f"source differs from the requests that succeeded, first at {first}")
+    target = s.images.read_raw(s.topology.image("target"))
     zeros = bytes(CLUSTER)
     for c in range(IMAGE_SIZE // CLUSTER):
         held = target[c * CLUSTER:(c + 1) * CLUSTER]
