@@ -13,9 +13,10 @@ The parts, each with one job:
   no device, the "guest" is HMP ``qemu-io`` on the copy-before-write node, which
   nothing removes.  A backup job's filter goes when the job ends, and a job may end
   mid-scenario (a QEMU that aborts the job when the snapshot breaks, as documented):
-  there the guest writes through a SCSI disk, which QEMU moves back to the source
-  with the filter's removal, as it would a real guest's (QEMU waits under ``-S``, the
-  disk has its geometry: nothing reads it behind the scenario's back);
+  there the guest writes through a SCSI disk (virtio-mmio, ``-machine microvm``),
+  which QEMU moves back to the source with the filter's removal, as it would a real
+  guest's (QEMU waits under ``-S``, the disk has its geometry: nothing reads it behind
+  the scenario's back);
 * :class:`JobDriver`: follows the job to its end, as its error policy asks;
 * :func:`judge_data`: reads the images offline into the data verdicts.
 
@@ -394,9 +395,12 @@ class Scenario:
             if self.spec.iothread:
                 args += ["-object", f"iothread,id={IOTHREAD}"]
                 controller["iothread"] = IOTHREAD
+            # microvm: the cheapest machine with a bus for the disk (virtio-mmio); it
+            # starts on ~15 ms less CPU than pc.
+            controller["driver"] = "virtio-scsi-device"
             args += ["-S", "-device", json.dumps(controller),
                      "-device", json.dumps({**disk, **GEOMETRY})]
-            machine_type = "pc"
+            machine_type = "microvm"
         kwargs = {"command_timeout": self.command_timeout} if self.command_timeout else {}
         self.vm = self.launch_vm(args, name=self.name, machine_type=machine_type, **kwargs)
         spec = self.spec
