@@ -45,7 +45,7 @@ from ..errors import (
 )
 from .builds import QemuBuild
 from .conversation import Conversation
-from .qemu_io import QemuIoResult
+from .qemu_io import QemuIoResult, abridged
 from .reproducer import images_folder
 
 T = TypeVar("T")
@@ -505,7 +505,7 @@ class Machine:
         with open(self.stdout_path, "rb") as fh:
             fh.seek(start)
             output = (reply + fh.read().decode(errors="replace")).strip()
-        self._note({"hmp-output": output})
+        self._note({"hmp-output": abridged(output)})  # a dump stays in the stdout log
         return output
 
     def qemu_io(self, target: str, command: str, *, device: bool = True) -> QemuIoResult:

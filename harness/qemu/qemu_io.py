@@ -6,6 +6,7 @@ outputs are the same text.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from array import array
@@ -30,7 +31,7 @@ class QemuIoResult:
     command: str
     output: str
 
-    @property
+    @functools.cached_property  # read often; a read -v's output is a megabyte
     def error(self) -> str | None:
         """The error text (``Input/output error``) of the first failure line, if any."""
         return qemu_io_error(self.output)
@@ -63,6 +64,19 @@ class QemuIoResult:
         """The bytes a ``read -v offset length`` dumped; None if the dump is not exactly
         that range (the read failed, or its output was cut)."""
         return parse_dump(self.output, offset, length)
+
+
+def abridged(output: str, keep: int = 2048) -> str:
+    """``output`` for a log: whole up to ``2 * keep`` characters, else its start and end
+    around a line saying how much is left out (a ``read -v`` dump's ten thousand lines;
+    QEMU's stdout log keeps them), with any line of the middle that names a failure."""
+    if len(output) <= 2 * keep:
+        return output
+    middle = output[keep:-keep]
+    failures = [line for line in middle.splitlines() if "failed" in line or "qemu-io:" in line] \
+        if "failed" in middle or "qemu-io:" in middle else []
+    return "\n".join([output[:keep], f"[... {len(middle)} characters left out ...]",
+                      *failures, output[-keep:]])
 
 
 def parse_dump(text: str, offset: int, length: int) -> bytes | None:

@@ -24,7 +24,7 @@ from harness.qemu import builds, probe
 from harness.qemu.debian import mirror_in
 from harness.qemu.machine import _sh_quote_relocatable, event_matches
 from harness.qemu.probe import Schema
-from harness.qemu.qemu_io import QemuIoResult, parse_dump
+from harness.qemu.qemu_io import QemuIoResult, abridged, parse_dump
 from harness.qemu.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
 
 MIRROR = "http://mirror.invalid/debian"
@@ -156,6 +156,18 @@ def test_dump_past_4_gib_and_with_other_text():
     assert parse_dump(qemu_io_dump(data, offset), offset, 64) == data
     text = qemu_io_dump(data, 0).replace("....", "\u00e9...", 1)
     assert parse_dump(text, 0, 64) == data
+
+
+def test_abridged_output_keeps_its_ends_and_failures():
+    dump = qemu_io_dump(bytes(range(256)) * 64, 0)
+    assert abridged("wrote 512/512 bytes at offset 0") == "wrote 512/512 bytes at offset 0"
+    short = abridged(dump)
+    assert len(short) < 4200 and short.startswith(dump[:2048]) and short.endswith(dump[-2048:])
+    assert f"[... {len(dump) - 4096} characters left out ...]" in short
+    middle = len(dump) // 2
+    failed = dump[:middle] + "\nread failed: Input/output error\n" + dump[middle:]
+    assert QemuIoResult("r", abridged(failed)).error == "Input/output error"
+    assert QemuIoResult("r", abridged(dump)).ok
 
 
 def test_describe_exit():
