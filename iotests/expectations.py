@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
+from harness.block.data import first_difference
 from harness.scenarios.cbw import GUEST_WRITES, Fault, Observation
 
 BREAKS_GUEST_WRITE = (None, "break-guest-write")  # omitted must mean break-guest-write
@@ -142,8 +143,8 @@ def assert_same_bytes(what: str, data: bytes, expected: bytes, offset: int = 0) 
     """``data`` (read at ``offset``) is ``expected`` byte for byte; else name the first
     byte that differs, at its offset in the image."""
     assert len(data) == len(expected), f"{what}: read {len(data)} bytes, expected {len(expected)}"
-    if data != expected:
-        first = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
+    first = first_difference(data, expected)
+    if first is not None:
         raise AssertionError(f"{what} differs from the point-in-time data first at offset "
                              f"{offset + first}: {data[first]:#04x}, expected "
                              f"{expected[first]:#04x}")

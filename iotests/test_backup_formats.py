@@ -156,7 +156,7 @@ def test_min_cluster_size(scenario, case_row):
     s = scenario(layout=Layout.FLEECING, seed=SEED, min_cluster_size=size)
     s.start()
     row = case_row("min-cluster-size", "256 KiB, a 4 KiB guest write")
-    original = s.images.read_raw(s.original)
+    original = s.original_data
     request = f"write -P {NEW:#x} {MiB + 68 * KiB} {4 * KiB}"
     row.guest(request, write := s.guest_request(request))
     assert write.ok, write.output

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from harness.block.data import first_difference
 from harness.scenarios.cbw import (
     GUEST_WRITES,
     IMAGE_SIZE,
@@ -95,7 +96,7 @@ class PointInTime:
     original: bytes
     on_cbw_error: str | None
     fault: Fault
-    source: bytearray = field(init=False)
+    written: list[tuple[int, bytes]] = field(default_factory=list)  # in the source, in order
     copied: set[int] = field(default_factory=set)  # clusters the target must hold
     touched: set[int] = field(default_factory=set)
     discarded: list[range] = field(default_factory=list)  # source bytes: old or zero
@@ -103,8 +104,20 @@ class PointInTime:
     fault_pending: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.source = bytearray(self.original)
         self.fault_pending = self.fault.injects
+
+    @property
+    def span(self) -> range:
+        """The bytes of the clusters the requests touched: all they can have changed."""
+        return range(min(self.touched) * CLUSTER, (max(self.touched) + 1) * CLUSTER)
+
+    def source(self, span: range) -> bytearray:
+        """What the source must hold in ``span`` (which holds every request): the
+        original with the successful writes applied."""
+        source = bytearray(self.original[span.start:span.stop])
+        for offset, data in self.written:
+            source[offset - span.start:offset - span.start + len(data)] = data
+        return source
 
     def request(self, req: Request) -> str | None:
         """Apply ``req``; the error it must meet (None: it succeeds)."""
@@ -120,7 +133,7 @@ class PointInTime:
         if new is None:
             self.discarded.append(range(req.offset, req.offset + req.length))
         else:
-            self.source[req.offset:req.offset + req.length] = new
+            self.written.append((req.offset, new))
         return None
 
     def snapshot_read(self, offset: int, length: int) -> bytes | str:
@@ -199,8 +212,8 @@ def check_snapshot_read(s: Scenario, model: PointInTime, offset: int, length: in
         return True
     assert result.ok and data is not None, f"snapshot read at {offset}+{length}: " \
         f"{result.error or 'its dump did not cover the range'}"
-    if data != expected:
-        first = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
+    first = first_difference(data, expected)
+    if first is not None:
         pytest.fail(f"snapshot read at {offset}+{length} differs from the point-in-time data "
                     f"first at offset {offset + first}: {data[first]:#04x}, expected "
                     f"{expected[first]:#04x}")
@@ -208,18 +221,28 @@ def check_snapshot_read(s: Scenario, model: PointInTime, offset: int, length: in
 
 
 def check_images(s: Scenario, model: PointInTime) -> None:
-    """QEMU stopped: the source holds what succeeded; the target the copied clusters."""
-    source = s.images.read_raw(s.topology.image("source"))
-    target = s.images.read_raw(s.topology.image("target"))
+    """QEMU stopped: the source holds what succeeded; the target the copied clusters.
+
+    The source is compared with the model where the requests went (:attr:`PointInTime.
+    span`), and with the original data, as it is, before and after."""
+    path, span, original = s.topology.image("source"), model.span, model.original
+    before = s.images.read_raw(path, 0, span.start)
+    source = s.images.read_raw(path, span.start, len(span))
+    after = s.images.read_raw(path, span.stop)
+    expected = model.source(span)
     either = bytearray(source)  # a discarded byte may read as zero: take the model's there
     for r in model.discarded:
-        either[r.start:r.stop] = bytes(a if a else b for a, b in
-                                       zip(source[r.start:r.stop], model.source[r.start:r.stop],
-                                           strict=True))
-    if either != model.source:
-        first = next(i for i, (a, b) in enumerate(zip(either, model.source, strict=True))
-                     if a != b)
+        start, stop = r.start - span.start, r.stop - span.start
+        held, want = source[start:stop], expected[start:stop]
+        if held != want:
+            either[start:stop] = want if not held.strip(b"\0") else \
+                bytes(a if a else b for a, b in zip(held, want, strict=True))
+    if not (either == expected and original.startswith(before) and len(before) == span.start
+            and original.endswith(after) and len(after) == len(original) - span.stop):
+        first = first_difference(before + either + after,
+                                 original[:span.start] + expected + original[span.stop:])
         pytest.fail(f"source differs from the requests that succeeded, first at {first}")
+    target = s.images.read_raw(s.topology.image("target"))
     zeros = bytes(CLUSTER)
     for c in range(IMAGE_SIZE // CLUSTER):
         held = target[c * CLUSTER:(c + 1) * CLUSTER]
@@ -244,7 +267,7 @@ def fleecing(scenario, on_cbw_error: str | None, fault: Fault) -> tuple[Scenario
     s = scenario(layout=Layout.FLEECING, on_cbw_error=on_cbw_error, fault=fault, seed=SEED,
                  unmap=True)
     s.start()
-    return s, PointInTime(s.images.read_raw(s.original), on_cbw_error, fault)
+    return s, PointInTime(s.original_data, on_cbw_error, fault)
 
 
 @pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda shape: shape.name)

@@ -40,6 +40,12 @@ def seeded_bytes(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
+@functools.lru_cache(maxsize=4)
+def pattern_bytes(pattern: int, length: int) -> bytes:
+    """``length`` bytes of the byte ``pattern`` (what :meth:`Images.write` fills)."""
+    return bytes([pattern]) * length
+
+
 class ImageError(HarnessError):
     """An image could not be created, written or read."""
 
@@ -228,6 +234,25 @@ class Images:
             return proc.returncode == 0
         raise ImageError(f"qemu-img compare {Path(a).name} {Path(b).name} failed: "
                          f"{proc.stderr.strip()}")
+
+    def holds_data(self, path: Path, data: bytes) -> bool:
+        """Does the raw image hold ``data`` from its start?  As :meth:`identical` against
+        an image of those bytes, without writing one: where one is longer, its extra
+        bytes must be zeros."""
+        try:
+            with open(path, "rb") as f:
+                for at in range(0, len(data), _BLOCK):
+                    want = data[at:at + _BLOCK]
+                    held = f.read(len(want))
+                    if held != want[:len(held)] or (len(held) < len(want) and
+                                                    want[len(held):].strip(b"\0")):
+                        return False
+                while rest := f.read(_BLOCK):
+                    if rest.strip(b"\0"):
+                        return False
+        except OSError as exc:
+            raise ImageError(f"reading {Path(path).name} failed: {exc.strerror}") from None
+        return True
 
     def map(self, path: Path, fmt: str = "qcow2") -> list[dict[str, Any]]:
         """``qemu-img map --output=json``: the image's extents (``start``, ``length``,

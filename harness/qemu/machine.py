@@ -21,6 +21,7 @@ import functools
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ from ..errors import (
 )
 from .builds import QemuBuild
 from .conversation import Conversation
-from .qemu_io import QemuIoResult
+from .qemu_io import QemuIoResult, abridged
 from .reproducer import images_folder
 
 T = TypeVar("T")
@@ -61,6 +62,25 @@ def _die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the test process dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@functools.cache
+def _pdeathsig_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig KILL --`` where util-linux's ``setpriv`` has that option, else
+    nothing (QEMU then gets its parent-death signal from :func:`_die_with_parent`).
+
+    A ``preexec_fn`` makes Python fork the whole test process and run Python in the
+    child: ~7 ms of CPU a launch, against ~1 ms for the spawn and setpriv's exec."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        ok = subprocess.run([*prefix, "true"], stdin=subprocess.DEVNULL, capture_output=True,
+                            timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return prefix if ok else ()
 
 
 @functools.cache
@@ -263,12 +283,17 @@ class Machine:
             self.conversation.record("#", {"launch": self.cmdline, "workdir": str(self.workdir),
                                            "command-timeout": self.command_timeout,
                                            "images": self._save_images()})
+            prefix = _pdeathsig_prefix()
+            if prefix and not os.access(self.cmdline[0], os.X_OK):
+                # As Popen would say it (setpriv would only exit 127).
+                raise LaunchFailure(f"cannot start {self.build.qemu_system}: no executable "
+                                    "file there", cmdline=self.cmdline)
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
                 try:
                     self._proc = subprocess.Popen(
-                        self.cmdline, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                        pass_fds=fds, start_new_session=True,
-                        preexec_fn=_die_with_parent, cwd=self.workdir)
+                        [*prefix, *self.cmdline], stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=err, pass_fds=fds, start_new_session=True,
+                        preexec_fn=None if prefix else _die_with_parent, cwd=self.workdir)
                 except OSError as exc:
                     raise LaunchFailure(f"cannot start {self.build.qemu_system}: {exc.strerror}",
                                         cmdline=self.cmdline) from None
@@ -480,7 +505,7 @@ class Machine:
         with open(self.stdout_path, "rb") as fh:
             fh.seek(start)
             output = (reply + fh.read().decode(errors="replace")).strip()
-        self._note({"hmp-output": output})
+        self._note({"hmp-output": abridged(output)})  # a dump stays in the stdout log
         return output
 
     def qemu_io(self, target: str, command: str, *, device: bool = True) -> QemuIoResult:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.block.data import CHUNK, GUEST_WRITES
+from harness.block.data import CHUNK, GUEST_WRITES, first_difference
 from harness.block.faults import NO_FAULT, Fault
 from harness.block.images import ImageError, Images, byte_count
 from harness.block.topology import Layout, Topology
@@ -92,6 +92,38 @@ def test_raw_verdicts_agree_with_the_builds_tools(images: Images) -> None:
         assert images.identical(x, y, "raw", "raw") is (proc.returncode == 0), (x, y)
     images.write(longer, 1, "1M", 1, "raw")  # data past the shorter image's end
     assert not images.identical(zeros, longer, "raw", "raw")
+
+
+@pytest.mark.parametrize("at", [0, 63, 64, 1000, (1 << 20) - 2])
+def test_first_difference_names_the_first_differing_byte(at: int) -> None:
+    a = bytes(range(256)) * 4096
+    b = bytearray(a)
+    b[at] ^= 0xFF
+    b[-1] ^= 0xFF  # a later difference does not hide the first
+    assert first_difference(a, b) == at
+    assert first_difference(b, a) == at
+
+
+def test_first_difference_of_equal_and_of_prefixes() -> None:
+    assert first_difference(b"abc", bytearray(b"abc")) is None
+    assert first_difference(b"", b"") is None
+    assert first_difference(b"abc", b"abcd") == 3
+    assert first_difference(b"xbc", b"abcd") == 0
+
+
+def test_holds_data_is_identical_against_bytes(images: Images) -> None:
+    """As identical(): a longer image's extra bytes must be zeros, and so the data's."""
+    a = images.create("a.raw", "2M", "raw")
+    images.write(a, 0x5A, 1000, 70_000, "raw")
+    data = images.read_raw(a)
+    assert images.holds_data(a, data)
+    assert images.holds_data(a, data[:(1 << 20) + 5])  # the rest of the image is zeros
+    assert images.holds_data(a, data + bytes(10))
+    assert not images.holds_data(a, data + b"\1")
+    changed = bytearray(data)
+    changed[(1 << 20) + 1] = 1
+    assert not images.holds_data(a, bytes(changed))
+    assert not images.holds_data(a, data[:70_000])  # 0x5A bytes left over
 
 
 def test_every_image_made_is_in_the_recipe(images: Images) -> None:

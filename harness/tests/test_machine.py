@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -278,3 +281,41 @@ def test_launcher_shuts_down_what_it_started_even_on_error(qemu_build, tmp_path)
             pids.append(vm.pid)
         raise RuntimeError("the script failed midway")
     assert len(pids) == 2 and all(pid is not None and process_gone(pid) for pid in pids)
+
+
+
+QEMU_OF_A_KILLED_HARNESS = """
+import os, signal, sys
+from pathlib import Path
+from harness.qemu import machine
+from harness.qemu.builds import QemuBuild
+if sys.argv[3] == "preexec_fn":
+    machine._pdeathsig_prefix = lambda: ()  # as on a host without setpriv
+build = QemuBuild(**{k: Path(v) for k, v in eval(sys.argv[1]).items()})
+vm = machine.Machine(build, Path(sys.argv[2]), machine_type="none").launch()
+print(vm.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no teardown: only the parent-death signal is left
+"""
+
+
+@pytest.mark.parametrize("spawn", ["setpriv", "preexec_fn"])
+def test_qemu_dies_with_the_harness_process(qemu_build, tmp_path, spawn):
+    """Both ways QEMU gets its parent-death signal: setpriv's, or a preexec_fn's."""
+    from harness.qemu import machine
+    if spawn == "setpriv" and not machine._pdeathsig_prefix():
+        pytest.skip("no setpriv with --pdeathsig on this host")
+    paths = {"qemu_system": str(qemu_build.qemu_system), "qemu_img": str(qemu_build.qemu_img),
+             "qemu_io": str(qemu_build.qemu_io)}
+    proc = subprocess.run([sys.executable, "-c", QEMU_OF_A_KILLED_HARNESS, repr(paths),
+                           str(tmp_path), spawn], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone and reaped already
+    try:  # readable once QEMU has exited
+        assert select.select([pidfd], [], [], 10)[0], f"QEMU {pid} outlived its harness process"
+    finally:
+        os.close(pidfd)

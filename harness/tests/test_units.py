@@ -24,7 +24,7 @@ from harness.qemu import builds, probe
 from harness.qemu.debian import mirror_in
 from harness.qemu.machine import _sh_quote_relocatable, event_matches
 from harness.qemu.probe import Schema
-from harness.qemu.qemu_io import QemuIoResult
+from harness.qemu.qemu_io import QemuIoResult, abridged, parse_dump
 from harness.qemu.transcript import Transcript, compare, filter_qemu_io, path_filter, reference_path
 
 MIRROR = "http://mirror.invalid/debian"
@@ -117,6 +117,57 @@ def test_qemu_io_result_errors():
     assert QemuIoResult("w", "wrote 512/512 bytes at offset 0").ok
     assert "Pattern verification failed" in str(QemuIoResult(
         "r", "Pattern verification failed at offset 0, 512 bytes").error)
+
+
+def qemu_io_dump(data: bytes, offset: int) -> str:
+    """``read -v offset len(data)`` as qemu-io prints it (C's isalnum: ASCII only)."""
+    lines = [f"{offset + at:08x}:  " + "".join(f"{b:02x} " for b in data[at:at + 16]) + " " +
+             "".join(chr(b) if b < 128 and chr(b).isalnum() else "." for b in data[at:at + 16])
+             for at in range(0, len(data), 16)]
+    return "\n".join([*lines, f"read {len(data)}/{len(data)} bytes at offset {offset}", ""])
+
+
+@pytest.mark.parametrize("length", [16, 4096, 4096 + 7, 100])
+def test_dump_read_back_exactly(length):
+    data = bytes(range(256)) * 16 + b"tail of 7"
+    data = data[:length]
+    offset = (1 << 20) + 48
+    assert parse_dump(qemu_io_dump(data, offset), offset, length) == data
+    assert parse_dump(qemu_io_dump(data, offset), offset - 16, length) is None
+    assert parse_dump(qemu_io_dump(data, offset), offset, length + 1) is None
+
+
+def test_dump_with_a_wrong_line_is_none():
+    data = bytes(range(256)) * 8
+    good = qemu_io_dump(data, 0)
+    lines = good.split("\n")
+    wrong_address = [*lines[:50], lines[50].replace("00000320", "00000330", 1), *lines[51:]]
+    wrong_digit = [*lines[:50], "00000320:  zz" + lines[50][13:], *lines[51:]]
+    missing = lines[:50] + lines[51:]
+    repeated = [*lines[:-2], lines[0], *lines[-2:]]
+    for text in (wrong_address, wrong_digit, missing, repeated):
+        assert parse_dump("\n".join(text), 0, len(data)) is None
+
+
+def test_dump_past_4_gib_and_with_other_text():
+    """Wider addresses and non-ASCII text are read line by line, as exactly."""
+    data = bytes(range(64))
+    offset = (1 << 32) - 32
+    assert parse_dump(qemu_io_dump(data, offset), offset, 64) == data
+    text = qemu_io_dump(data, 0).replace("....", "\u00e9...", 1)
+    assert parse_dump(text, 0, 64) == data
+
+
+def test_abridged_output_keeps_its_ends_and_failures():
+    dump = qemu_io_dump(bytes(range(256)) * 64, 0)
+    assert abridged("wrote 512/512 bytes at offset 0") == "wrote 512/512 bytes at offset 0"
+    short = abridged(dump)
+    assert len(short) < 4200 and short.startswith(dump[:2048]) and short.endswith(dump[-2048:])
+    assert f"[... {len(dump) - 4096} characters left out ...]" in short
+    middle = len(dump) // 2
+    failed = dump[:middle] + "\nread failed: Input/output error\n" + dump[middle:]
+    assert QemuIoResult("r", abridged(failed)).error == "Input/output error"
+    assert QemuIoResult("r", abridged(dump)).ok
 
 
 def test_describe_exit():
