@@ -140,15 +140,17 @@ def pytest_per_test(build: builds.QemuBuild, tests: int) -> tuple[float, float]:
 def scenario_runner(build: builds.QemuBuild, folder: Path, name: str) -> Callable[[], None]:
     """One scenario with a one-shot fault under break-guest-write, as the suite runs it."""
     from harness.block.images import Images
+    from harness.qemu import probe
     from harness.scenarios import cbw
 
     spec = cbw.ScenarioSpec(cbw.Layout(name), on_cbw_error="break-guest-write",
                             fault=cbw.Fault("target-write", once=True))
+    microvm = probe.probe(build).has("machine.microvm")  # as the suite's fixture picks
 
     def once() -> None:
         try:
             with launcher(build, folder) as launch:
-                cbw.run(cbw.Scenario(launch, Images(build, folder), spec))
+                cbw.run(cbw.Scenario(launch, Images(build, folder), spec, microvm=microvm))
         finally:
             (folder / "images.jsonl").unlink(missing_ok=True)
     return once

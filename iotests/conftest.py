@@ -23,7 +23,7 @@ def _speed_label(spec: ScenarioSpec) -> str | None:
 
 
 @pytest.fixture
-def scenario(launch_vm, images, transcript, summary_row, check_transcript
+def scenario(launch_vm, images, transcript, summary_row, check_transcript, build_info
              ) -> Iterator[Callable[..., Scenario]]:
     """Factory: ``scenario(layout=..., on_cbw_error=..., fault=...)`` (the fields of
     :class:`ScenarioSpec`, and ``name=`` / ``command_timeout=`` for the machine).
@@ -36,7 +36,7 @@ def scenario(launch_vm, images, transcript, summary_row, check_transcript
     def make(*, summary_note: str | None = None, **kwargs: Any) -> Scenario:
         machine = {k: kwargs.pop(k) for k in _MACHINE_OPTIONS if k in kwargs}
         s = Scenario(launch_vm, images, ScenarioSpec(**kwargs), transcript=transcript,
-                     **machine)
+                     microvm=build_info.has("machine.microvm"), **machine)
         made.append((s, summary_note or _speed_label(s.spec)))
         return s
 

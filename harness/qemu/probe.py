@@ -157,6 +157,8 @@ def _cap(name: str, description: str, check: Callable[[BuildInfo], bool]) -> Cap
 
 
 CAPABILITIES: dict[str, Capability] = {c.name: c for c in [
+    _cap("machine.microvm", "the microvm machine type (virtio-mmio devices)",
+         lambda b: "microvm" in b.machines),
     _cap("blockdev-backup.on-cbw-error", "blockdev-backup accepts on-cbw-error",
          lambda b: "on-cbw-error" in b.schema.command_args("blockdev-backup")),
     _cap("blockdev-backup.x-perf", "blockdev-backup accepts x-perf (max-chunk)",
@@ -209,6 +211,7 @@ class BuildInfo:
     accelerators: list[str]
     schema: Schema
     tool_versions: dict[str, str] = field(default_factory=dict)
+    machines: list[str] = field(default_factory=list)  # machine types and their aliases
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
@@ -243,12 +246,12 @@ class BuildInfo:
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "package": self.package,
                 "accelerators": self.accelerators, "schema": self.schema.entries,
-                "tool_versions": self.tool_versions}
+                "tool_versions": self.tool_versions, "machines": self.machines}
 
     @classmethod
     def from_json(cls, build: QemuBuild, data: dict[str, Any]) -> BuildInfo:
         return cls(build, data["version"], data["package"], data["accelerators"],
-                   Schema(data["schema"]), data.get("tool_versions", {}))
+                   Schema(data["schema"]), data.get("tool_versions", {}), data["machines"])
 
 
 # What each tool's ``--version`` says first: "QEMU emulator version 11.1.3 (...)",
@@ -296,7 +299,7 @@ def accelerators(qemu_system: Path) -> list[str]:
 
 
 # Bump when the probe asks new questions or BuildInfo's JSON changes.
-PROBE_FORMAT = 1
+PROBE_FORMAT = 2
 PROBES_KEPT = 100  # the probe cache's newest entries (each ~0.3 MB of schema)
 
 
@@ -367,13 +370,16 @@ def _probe(build: QemuBuild) -> BuildInfo:
             vm.launch()
             schema = vm.cmd("query-qmp-schema")
             version = vm.cmd("query-version")
+            machines = sorted({name for m in vm.cmd("query-machines")
+                               for name in (m["name"], m.get("alias")) if name})
         except HarnessError as exc:
             raise ConfigError(f"{build.qemu_system} failed its probe: {exc}") from None
         finally:
             vm.shutdown()
     q = version["qemu"]
     return BuildInfo(build, f"{q['major']}.{q['minor']}.{q['micro']}",
-                     version.get("package", "").strip(), accels, Schema(schema), tool_versions)
+                     version.get("package", "").strip(), accels, Schema(schema), tool_versions,
+                     machines)
 
 
 def save(info: BuildInfo, path: Path) -> None:

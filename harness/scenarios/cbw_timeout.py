@@ -495,10 +495,11 @@ def drive_together(cases: Sequence[TimeoutCase], launch: Launcher, images: Image
     exception (a Ctrl-C comes to this thread only: it kills them, so that the threads
     waiting on them end too).
 
-    The machines are launched here, one after another, not in the threads: QEMU is
-    started with a ``preexec_fn`` (its parent-death signal), which Python documents as
-    unsafe where other threads run.  A case's end is an Event, not ``Thread.join()``:
-    a join that a Ctrl-C interrupts may mark a running thread as stopped (CPython 3.11).
+    The machines are launched here, one after another, not in the threads: where the
+    host's setpriv lacks ``--pdeathsig``, QEMU gets its parent-death signal from a
+    ``preexec_fn``, which Python documents as unsafe where other threads run.  A case's
+    end is an Event, not ``Thread.join()``: a join that a Ctrl-C interrupts may mark a
+    running thread as stopped (CPython 3.11).
     """
     fleecings: list[tuple[TimeoutCase, TimeoutFleecing]] = []
     for case in cases:

@@ -570,3 +570,11 @@ def test_shared_run_links_a_tests_own_part_only(tmp_path):
     assert [p.name for p in folders["one"].iterdir()] == ["one.qmp.log"]
     assert [p.name for p in folders["two"].iterdir()] == ["two.qmp.log"]
     assert list(folders["none"].iterdir()) == []
+
+
+def test_microvm_is_a_capability_of_the_probed_machine_types():
+    info = build_info_with({}, {})
+    assert not info.has("machine.microvm")  # a build without it: scenarios stay on pc
+    info.machines = ["microvm", "pc", "pc-i440fx-11.1"]
+    assert info.has("machine.microvm")
+    assert probe.BuildInfo.from_json(info.build, info.to_json()).machines == info.machines
