@@ -41,7 +41,7 @@ QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils")
 TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-io")
 # Version of the cache layout of a provisioned release (its wrappers); a release
 # cached under an older layout gets new wrappers on first use.
-LAYOUT = 3
+LAYOUT = 4
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,14 @@ def _write_wrappers(top: Path) -> None:
         script = (
             "#!/bin/sh\n"
             "# Runs Debian's binary through its own loader and libraries, the loader named\n"
-            "# after the tool (see harness/qemu/builds.py).\n"
-            '# readlink: a symlink to this script (a build directory of links) works too.\n'
-            'B="$(cd "$(dirname "$(readlink -f "$0")")" && pwd)"\n'
-            'P="$(cd "$B/../prefix" && pwd)"\n'
+            "# after the tool (see harness/qemu/builds.py).  No process starts before\n"
+            "# QEMU (each would cost ~8 ms of CPU a run) unless $0 is a symlink to this\n"
+            "# script (a build directory of links): readlink then finds the script.\n"
+            'S=$0\n'
+            '[ -L "$S" ] && S=$(readlink -f "$S")\n'
+            'case $S in */*) ;; *) S=$(command -v "$S") ;; esac\n'
+            'B=${S%/*}\n'
+            'P=$B/../prefix\n'
             f'exec "$B/.names/{tool}" --library-path {libpath} '
             f'--argv0 {tool} "$P/usr/bin/{tool}" "$@"\n')
         wrapper = bindir / tool
