@@ -43,7 +43,7 @@ from harness.scenarios.cbw import (
     Scenario,
     value_id,
 )
-from iotests.expectations import BROKEN_SNAPSHOT_ERROR, errno_text
+from iotests.expectations import BROKEN_SNAPSHOT_ERROR, assert_same_bytes, errno_text
 
 pytestmark = pytest.mark.requires("copy-before-write.on-cbw-error", "snapshot-access")
 
@@ -106,17 +106,11 @@ class PointInTime:
     def __post_init__(self) -> None:
         self.fault_pending = self.fault.injects
 
-    @property
-    def span(self) -> range:
-        """The bytes of the clusters the requests touched: all they can have changed."""
-        return range(min(self.touched) * CLUSTER, (max(self.touched) + 1) * CLUSTER)
-
-    def source(self, span: range) -> bytearray:
-        """What the source must hold in ``span`` (which holds every request): the
-        original with the successful writes applied."""
-        source = bytearray(self.original[span.start:span.stop])
+    def expected_source(self) -> bytearray:
+        """What the source must hold: the original with the successful writes applied."""
+        source = bytearray(self.original)
         for offset, data in self.written:
-            source[offset - span.start:offset - span.start + len(data)] = data
+            source[offset:offset + len(data)] = data
         return source
 
     def request(self, req: Request) -> str | None:
@@ -212,35 +206,21 @@ def check_snapshot_read(s: Scenario, model: PointInTime, offset: int, length: in
         return True
     assert result.ok and data is not None, f"snapshot read at {offset}+{length}: " \
         f"{result.error or 'its dump did not cover the range'}"
-    first = first_difference(data, expected)
-    if first is not None:
-        pytest.fail(f"snapshot read at {offset}+{length} differs from the point-in-time data "
-                    f"first at offset {offset + first}: {data[first]:#04x}, expected "
-                    f"{expected[first]:#04x}")
+    assert_same_bytes(f"snapshot read at {offset}+{length}", data, expected, offset)
     return False
 
 
 def check_images(s: Scenario, model: PointInTime) -> None:
-    """QEMU stopped: the source holds what succeeded; the target the copied clusters.
-
-    The source is compared with the model where the requests went (:attr:`PointInTime.
-    span`), and with the original data, as it is, before and after."""
-    path, span, original = s.topology.image("source"), model.span, model.original
-    before = s.images.read_raw(path, 0, span.start)
-    source = s.images.read_raw(path, span.start, len(span))
-    after = s.images.read_raw(path, span.stop)
-    expected = model.source(span)
-    either = bytearray(source)  # a discarded byte may read as zero: take the model's there
-    for r in model.discarded:
-        start, stop = r.start - span.start, r.stop - span.start
-        held, want = source[start:stop], expected[start:stop]
-        if held != want:
-            either[start:stop] = want if not held.strip(b"\0") else \
-                bytes(a if a else b for a, b in zip(held, want, strict=True))
-    if not (either == expected and original.startswith(before) and len(before) == span.start
-            and original.endswith(after) and len(after) == len(original) - span.stop):
-        first = first_difference(before + either + after,
-                                 original[:span.start] + expected + original[span.stop:])
+    """QEMU stopped: the source holds what succeeded; the target the copied clusters."""
+    source = bytearray(s.images.read_raw(s.topology.image("source")))
+    expected = model.expected_source()
+    for r in model.discarded:  # a discarded byte may read as zero: take the model's there
+        got, want = source[r.start:r.stop], expected[r.start:r.stop]
+        if got != want:
+            source[r.start:r.stop] = want if not got.strip(b"\0") else \
+                bytes(a if a else b for a, b in zip(got, want, strict=True))
+    first = first_difference(source, expected)
+    if first is not None:
         pytest.fail(f"source differs from the requests that succeeded, first at {first}")
     target = s.images.read_raw(s.topology.image("target"))
     zeros = bytes(CLUSTER)

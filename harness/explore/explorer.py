@@ -27,6 +27,7 @@ from typing import ClassVar
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from ..block.data import first_difference
 from ..block.topology import Layout
 from ..errors import CommandFailed, QEMUUnresponsive
 from .model import (
@@ -456,9 +457,8 @@ class Example:
 
     def _source_data(self) -> None:
         actual = self.rig.source_bytes()
-        if actual != bytes(self.model.source):
-            first = next(i for i, (a, b) in enumerate(zip(actual, self.model.source,
-                                                          strict=True)) if a != b)
+        first = first_difference(actual, self.model.source)
+        if first is not None:
             raise self._disagree(
                 f"source image differs from the documented data at byte {first} "
                 f"(documented {self.model.source[first]:#x}, observed {actual[first]:#x})")
